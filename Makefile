@@ -1,0 +1,32 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+# VENV may point outside the repo (CI keeps one under ~/.cache/amxtune) so torch installs once.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The install is redone when the pins, the package metadata or the checkout path change
+# (editable installs point at this checkout).
+INSTALL_KEY := $(shell cat requirements/*.txt operator/pyproject.toml trainer_image/pyproject.toml | { cat; echo "$(CURDIR)"; } | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.amxtune-$(INSTALL_KEY)
+
+.PHONY: install demo test lint crds
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/pins.txt -r requirements/dev.txt \
+		-e operator -e 'trainer_image[export]'
+	@rm -f $(VENV)/.amxtune-* && touch $@
+
+demo: install
+	$(VENV)/bin/amxtune run examples/finetunejob.yaml --model tiny
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+crds: install
+	$(VENV)/bin/amxtune crds --output crds

@@ -1,0 +1,24 @@
+"""Shared base for every external input model (CR specs, trainer config, CLI)."""
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """Fields are snake_case in Python and camelCase on the wire (CRD, JSON, YAML).
+
+    Both spellings are accepted on input so that configs written by hand for the diffusers
+    script (snake_case) and Kubernetes manifests (camelCase) both load. Unknown fields are an
+    error: a typo must not be silently ignored.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+    )
+
+    def to_wire(self) -> dict:
+        """The camelCase JSON form, without unset optional fields."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,198 @@
+"""Trainer options: the single definition shared by the FineTuneJob spec and the trainer.
+
+Field names follow the diffusers `textual_inversion.py` arguments (snake_case), so that the
+trainer's command-line flags can be derived from them and commands written for the reference
+script keep working; on the wire (CRD, config JSON) they are camelCase.
+"""
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from amxtune.api.base import ApiModel
+
+DEFAULT_IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]
+
+
+class LearnableProperty(StrEnum):
+    object = "object"
+    style = "style"
+
+
+class MixedPrecision(StrEnum):
+    no = "no"
+    bf16 = "bf16"
+
+
+class LrScheduler(StrEnum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class Accelerator(StrEnum):
+    none = "none"
+    ipex = "ipex"
+
+
+class DistributedBackend(StrEnum):
+    auto = "auto"
+    gloo = "gloo"
+    ccl = "ccl"
+
+
+class TextualInversionOptions(ApiModel):
+    """What concept to learn and how it is represented."""
+
+    placeholder_token: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="New token that stands for the concept in prompts, e.g. '<dicoo>'. It must "
+        "not already be in the tokenizer's vocabulary."
+    )
+    initializer_token: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="Word (or phrase of several tokens) whose embedding starts the new vectors; "
+        "a phrase is spread over the vectors in order."
+    )
+    num_vectors: int = Field(
+        default=1, ge=1, le=64, description="Number of embedding vectors learned for the token."
+    )
+    learnable_property: LearnableProperty = Field(
+        default=LearnableProperty.object,
+        description="'object' uses object prompt templates, 'style' style templates.",
+    )
+    initial_embedding: str | None = Field(
+        default=None,
+        description="Path to an existing learned_embeds.safetensors (or .bin/.pt) to start from "
+        "instead of the initializer token.",
+    )
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _no_whitespace(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            raise ValueError("must be a single token without whitespace, e.g. '<dicoo>'")
+        return value
+
+
+class TrainingOptions(ApiModel):
+    """Data handling, optimisation schedule, checkpoints and validation."""
+
+    resolution: int = Field(
+        default=512, ge=8, le=2048,
+        description="Training image size in pixels (square); a multiple of 8.",
+    )
+    center_crop: bool = Field(default=False, description="Center-crop instead of resizing.")
+    random_flip: bool = Field(default=False, description="Randomly flip images horizontally.")
+    repeats: int = Field(default=100, ge=1, description="How often the images repeat per epoch.")
+    use_captions: bool = Field(
+        default=False,
+        description="Use NAME.txt beside NAME.jpg as the image's prompt (the placeholder token "
+        "replaces '{}' or is prepended) instead of the prompt templates.",
+    )
+    image_extensions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS),
+        min_length=1,
+        description="File name endings (case-insensitive) that count as training images.",
+    )
+    train_batch_size: int = Field(default=1, ge=1, le=256, description="Images per rank per step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    max_train_steps: int = Field(default=5000, ge=1, description="Optimizer steps in total.")
+    learning_rate: float = Field(default=1e-4, gt=0, le=10)
+    scale_lr: bool = Field(
+        default=False,
+        description="Multiply the learning rate by accumulation steps x batch size x ranks.",
+    )
+    lr_scheduler: LrScheduler = Field(default=LrScheduler.constant)
+    lr_warmup_steps: int = Field(default=500, ge=0)
+    lr_num_cycles: int = Field(default=1, ge=1, description="Cycles of cosine_with_restarts.")
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(default=1e-2, ge=0)
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    mixed_precision: MixedPrecision = Field(
+        default=MixedPrecision.bf16,
+        description="'bf16' runs the frozen networks in bfloat16 autocast (AMX); 'no' is fp32.",
+    )
+    seed: int | None = Field(default=None, ge=0, description="Seed for reproducible training.")
+    checkpointing_steps: int = Field(
+        default=500, ge=1, description="Save resumable state every N steps."
+    )
+    checkpoints_total_limit: int | None = Field(
+        default=None, ge=1, description="Keep at most this many checkpoints (oldest pruned)."
+    )
+    resume_from_checkpoint: str | None = Field(
+        default=None,
+        description="'latest' or a checkpoint folder to continue from; 'latest' with no "
+        "checkpoint yet starts from scratch.",
+    )
+    save_steps: int = Field(
+        default=500, ge=1, description="Also save learned_embeds-steps-N.safetensors every N steps."
+    )
+    logging_steps: int = Field(default=1, ge=1, description="Emit a progress line every N steps.")
+    validation_prompt: str | None = Field(
+        default=None, description="Prompt rendered every validation_steps to watch progress."
+    )
+    num_validation_images: int = Field(default=4, ge=1, le=64)
+    validation_steps: int = Field(default=100, ge=1)
+    save_as_full_pipeline: bool = Field(
+        default=False, description="Also save the whole pipeline (fp32) with the new token."
+    )
+    save_a1111: bool = Field(
+        default=False, description="Also save an Automatic1111-compatible learned_embeds.pt."
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _dotted_lowercase(cls, values: list[str]) -> list[str]:
+        return [(v if v.startswith(".") else f".{v}").lower() for v in values]
+
+    @field_validator("resume_from_checkpoint")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be 'latest' or a checkpoint path, not empty")
+        return value
+
+
+class TrainerRuntimeOptions(ApiModel):
+    """How the trainer uses the CPU; the operator's runtime spec extends this."""
+
+    accelerator: Accelerator = Field(
+        default=Accelerator.none,
+        description="'none' uses plain PyTorch (oneDNN uses AMX directly); 'ipex' uses "
+        "intel-extension-for-pytorch (legacy image variant).",
+    )
+    torch_compile: bool = Field(default=False, description="Compile the UNet with torch.compile.")
+    channels_last: bool = Field(default=True, description="Use channels_last memory layout.")
+    distributed_backend: DistributedBackend = Field(
+        default=DistributedBackend.auto,
+        description="'auto' picks ccl when oneccl_bindings_for_pytorch is importable and "
+        "asked for by the environment, else gloo.",
+    )
+
+
+class TrainerConfig(ApiModel):
+    """Everything one trainer process needs; the operator renders it into a ConfigMap."""
+
+    pretrained_model_name_or_path: str = Field(
+        min_length=1,
+        description="Hub id, local diffusers folder, or a built-in model ('tiny', 'sd15-arch').",
+    )
+    revision: str | None = Field(default=None, description="Hub revision of the base model.")
+    train_data_dir: str | None = Field(
+        default=None, description="Folder with the concept images (needed on rank 0 only)."
+    )
+    output_dir: str = Field(default="textual_inversion_output", min_length=1)
+    textual_inversion: TextualInversionOptions
+    training: TrainingOptions = Field(default_factory=TrainingOptions)
+    runtime: TrainerRuntimeOptions = Field(default_factory=TrainerRuntimeOptions)
