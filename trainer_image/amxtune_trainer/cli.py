@@ -1,8 +1,8 @@
 """`amxtune-train SUBCOMMAND ...` (also `python -m amxtune_trainer`).
 
 Each subcommand lives in its own module exposing `configure_parser(parser)` and
-`run(args) -> int`; modules are imported only when their subcommand runs, so `--help` and
-light subcommands do not pay for importing torch.
+`run(args) -> int`. Those modules import torch/diffusers/openvino inside `run`, not at module
+level, so that parsing and `--help` stay fast and bad flags fail before heavy imports.
 """
 
 from __future__ import annotations
