@@ -1,0 +1,121 @@
+"""OpenVINO export and sample-generation options: one definition for the FineTuneJob's
+`spec.export`, the InferenceJob spec and the trainer image's `export-openvino` / `generate` flags.
+
+Rules worth knowing (they are validated here, so the CRD, the operator and the CLI agree):
+
+- height and width are multiples of 8 (the VAE downsamples by 8); SD-1.x UNets also want
+  multiples of 64 for their own downsampling, which a real model enforces when it is exported.
+- the exported pipeline has a *static* shape: `batch_size` prompts per call, each rendered
+  `num_images_per_prompt` times, at `height` x `width`. Prompts are rendered in consecutive
+  groups of `batch_size`, so the number of prompts must be a multiple of `batch_size`
+  (equal to it in the common case).
+- guidance_scale must be > 1: the static UNet is shaped for classifier-free guidance (it sees
+  the conditional and the unconditional batch together, 2 x batch_size x images per prompt).
+
+No torch, diffusers or openvino here: the operator imports these models.
+"""
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from amxtune.api.base import ApiModel
+
+
+class WeightFormat(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class OpenVINOExportOptions(ApiModel):
+    """Static shape and weight format of the exported OpenVINO pipeline."""
+
+    batch_size: int = Field(
+        default=1, ge=1, le=64, description="Prompts rendered per pipeline call (static)."
+    )
+    height: int = Field(
+        default=512, ge=64, le=2048, description="Image height in pixels; a multiple of 8."
+    )
+    width: int = Field(
+        default=512, ge=64, le=2048, description="Image width in pixels; a multiple of 8."
+    )
+    num_images_per_prompt: int = Field(
+        default=1, ge=1, le=16, description="Images rendered for each prompt per call (static)."
+    )
+    weight_format: WeightFormat = Field(
+        default=WeightFormat.fp32,
+        description="'fp32' keeps the weights as trained; 'fp16' halves them (computation "
+        "stays fp32 on CPUs without fp16 support); 'int8' compresses the weights of every "
+        "model to 8-bit asymmetric per-channel integers with NNCF (activations stay float).",
+    )
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+
+NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+
+
+class GenerationOptions(ApiModel):
+    """What to render with the exported (or PyTorch) pipeline and how."""
+
+    prompts: list[NonBlank] = Field(
+        min_length=1,
+        max_length=256,
+        description="Prompts to render; use the learned placeholder token in them, e.g. "
+        "'a photo of <dicoo> on the beach'. Rendered in groups of the batch size.",
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=1000, description="What to steer away from, for every prompt."
+    )
+    num_inference_steps: int = Field(
+        default=25, ge=1, le=500, description="Denoising steps per image."
+    )
+    guidance_scale: float = Field(
+        default=7.5,
+        gt=1.0,
+        le=50.0,
+        description="Classifier-free guidance strength; must be > 1 (the static OpenVINO UNet "
+        "is shaped for guided generation).",
+    )
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**63 - 1,
+        description="Seed of the initial noise; call k (prompts k*batch..) uses seed + k.",
+    )
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value if value and value.strip() else None
+
+
+class ExportSpec(GenerationOptions):
+    """`spec.export` of a FineTuneJob (and the work of an InferenceJob): export the result to
+    OpenVINO with `openvino`, then render `prompts` with it into samples/."""
+
+    openvino: OpenVINOExportOptions = Field(
+        default_factory=OpenVINOExportOptions,
+        description="Static shape and weight format of the exported pipeline.",
+    )
+
+    @model_validator(mode="after")
+    def _prompts_fill_batches(self) -> "ExportSpec":
+        check_prompts_fill_batches(len(self.prompts), self.openvino.batch_size)
+        return self
+
+
+def check_prompts_fill_batches(num_prompts: int, batch_size: int) -> None:
+    """Raise ValueError unless `num_prompts` is a positive multiple of `batch_size`."""
+    if num_prompts < 1 or num_prompts % batch_size:
+        raise ValueError(
+            f"the number of prompts ({num_prompts}) must be a multiple of the batch size "
+            f"({batch_size}): prompts are rendered in groups of batch size"
+        )
