@@ -17,8 +17,20 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         use_enum_values=True,
+        validate_default=True,
     )
 
     def to_wire(self) -> dict:
         """The camelCase JSON form, without unset optional fields."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def cel(rule: str, message: str) -> ConfigDict:
+    """Model config that adds a CEL validation rule (x-kubernetes-validations) to the CRD.
+
+    Keep an equivalent pydantic validator when the rule matters outside the apiserver too
+    (the local runner and the trainer validate without one).
+    """
+    return ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+    )

@@ -1,0 +1,271 @@
+"""FineTuneJob (amxtune.io/v1alpha1): spec and status.
+
+The CRD schema (crds/finetunejobs.amxtune.io.yaml) is generated from these models by
+amxtune.crd; defaults live in the schema so the apiserver applies them and the operator never
+writes the spec. Rules the apiserver can check (CEL) are attached with `cel(...)`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field, model_validator
+
+from amxtune.api.base import ApiModel, cel
+from amxtune.api.export import ExportSpec
+from amxtune.api.kube import EnvVar, Name, PvcPath, Quantity, Resources, SecretKeyRef, Toleration
+from amxtune.api.training import TextualInversionOptions, TrainerRuntimeOptions, TrainingOptions
+
+GROUP = "amxtune.io"
+VERSION = "v1alpha1"
+AMX_LABELS = [
+    "feature.node.kubernetes.io/cpu-cpuid.AMXBF16",
+    "feature.node.kubernetes.io/cpu-cpuid.AMXTILE",
+]
+
+
+class Method(StrEnum):
+    textualInversion = "textualInversion"
+
+
+class ModelSource(ApiModel):
+    """The base model: a hub id (or built-in name), or a diffusers folder on a volume."""
+
+    model_config = cel("has(self.name) != has(self.pvc)", "set exactly one of name and pvc")
+
+    name: str | None = Field(
+        default=None, min_length=1,
+        description="Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a built-in "
+        "model ('tiny', 'sd15-arch').",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret holding a Hugging Face token for gated models."
+    )
+    pvc: PvcPath | None = Field(
+        default=None, description="A diffusers pipeline folder on a volume, mounted read-only."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.name is None) == (self.pvc is None):
+            raise ValueError("set exactly one of name and pvc")
+        return self
+
+
+class ConfigMapImages(ApiModel):
+    name: Name = Field(description="ConfigMap whose binaryData holds the concept images.")
+
+
+class DataSource(ApiModel):
+    """The concept images; only worker 0 mounts them (it broadcasts the latents)."""
+
+    model_config = cel(
+        "has(self.pvc) != has(self.configMap)", "set exactly one of pvc and configMap"
+    )
+
+    pvc: PvcPath | None = None
+    config_map: ConfigMapImages | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.pvc is None) == (self.config_map is None):
+            raise ValueError("set exactly one of pvc and configMap")
+        return self
+
+
+class Workers(ApiModel):
+    nodes: int = Field(default=1, ge=1, le=256, description="Worker pods, one per AMX node.")
+    ranks_per_node: int = Field(
+        default=1, ge=1, le=64, description="Training processes per worker pod (torchrun)."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    require_amx: bool = Field(
+        default=True, description="Only schedule on nodes labelled with every amxNodeLabels key."
+    )
+    amx_node_labels: list[str] = Field(
+        default_factory=lambda: list(AMX_LABELS), min_length=1,
+        description="Node labels (value 'true') that mark AMX nodes; Node Feature Discovery's "
+        "by default.",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    shm_size: Quantity = Field(default="2Gi", description="Size of the memory-backed /dev/shm.")
+    scheduling_timeout_seconds: int | None = Field(
+        default=None, ge=1, description="Fail when workers stay unschedulable this long."
+    )
+
+
+class CclTransport(StrEnum):
+    ofi = "ofi"
+    mpi = "mpi"
+
+
+class Ccl(ApiModel):
+    transport: CclTransport = Field(default=CclTransport.ofi, description="CCL_ATL_TRANSPORT.")
+    worker_count: int = Field(
+        default=1, ge=1, le=16, description="CCL_WORKER_COUNT: cores per rank kept for oneCCL."
+    )
+    fi_provider: str = Field(default="tcp", description="FI_PROVIDER for the ofi transport.")
+
+
+class MemoryAllocator(StrEnum):
+    tcmalloc = "tcmalloc"
+    jemalloc = "jemalloc"
+    default = "default"
+
+
+class OpenMP(StrEnum):
+    iomp5 = "iomp5"
+    gomp = "gomp"
+
+
+class Runtime(TrainerRuntimeOptions):
+    image: str | None = Field(
+        default=None, min_length=1,
+        description="Trainer image; the operator's configured default when empty.",
+    )
+    image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+    ccl: Ccl = Field(default_factory=Ccl)
+    network_interface: str = Field(
+        default="eth0", min_length=1, description="I_MPI_HYDRA_IFACE / the ranks' interface."
+    )
+    memory_allocator: MemoryAllocator = Field(default=MemoryAllocator.tcmalloc)
+    open_mp: OpenMP = Field(default=OpenMP.iomp5, alias="openMP")
+    master_port: int = Field(default=29500, ge=1024, le=65535)
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+
+    def to_trainer_options(self) -> TrainerRuntimeOptions:
+        """The part of the runtime the trainer itself reads."""
+        fields = set(TrainerRuntimeOptions.model_fields)
+        return TrainerRuntimeOptions.model_validate(self.model_dump(include=fields))
+
+
+class PvcCreate(ApiModel):
+    size: Quantity = Field(default="20Gi")
+    storage_class_name: str | None = None
+    access_mode: str = Field(
+        default="ReadWriteOnce", pattern="^(ReadWriteOnce|ReadWriteMany|ReadWriteOncePod)$"
+    )
+
+
+class OutputVolume(ApiModel):
+    model_config = cel(
+        "has(self.create) || has(self.claimName)",
+        "name an existing claimName, or ask for one to be created with create",
+    )
+
+    claim_name: Name | None = Field(
+        default=None,
+        description="Claim to write to; with create, the name of the claim to create "
+        "(default JOB-output). It is kept when the job is deleted.",
+    )
+    create: PvcCreate | None = None
+
+    @model_validator(mode="after")
+    def _claim_or_create(self) -> OutputVolume:
+        if self.create is None and self.claim_name is None:
+            raise ValueError("name an existing claimName, or ask for one to be created with create")
+        return self
+
+
+class Output(ApiModel):
+    pvc: OutputVolume = Field(default_factory=lambda: OutputVolume(create=PvcCreate()))
+    path: str | None = Field(
+        default=None, description="Folder inside the volume; the job's name by default."
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    model_config = cel(
+        "self.method != 'textualInversion' || has(self.textualInversion)",
+        "textualInversion is required when method is textualInversion",
+    )
+
+    method: Method = Field(default=Method.textualInversion)
+    model: ModelSource
+    data: DataSource
+    textual_inversion: TextualInversionOptions | None = None
+    training: TrainingOptions = Field(default_factory=TrainingOptions)
+    workers: Workers = Field(default_factory=Workers)
+    runtime: Runtime = Field(default_factory=Runtime)
+    output: Output = Field(default_factory=Output)
+    export: ExportSpec | None = Field(
+        default=None,
+        description="After training, export to OpenVINO and render these prompts in an "
+        "InferenceJob (NAME-export) on the same volume.",
+    )
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Worker restarts before the job fails."
+    )
+    suspend: bool = Field(
+        default=False, description="Delete the workers and keep everything else; false resumes."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the job when it runs longer than this."
+    )
+
+    @model_validator(mode="after")
+    def _method_options(self) -> FineTuneJobSpec:
+        if self.method == Method.textualInversion and self.textual_inversion is None:
+            raise ValueError("textualInversion is required when method is textualInversion")
+        return self
+
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Running = "Running"
+    Exporting = "Exporting"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+
+class Condition(ApiModel):
+    """metav1.Condition."""
+
+    type: str
+    status: str = Field(pattern="^(True|False|Unknown)$")
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class WorkersStatus(ApiModel):
+    ready: int = 0
+    total: int = 0
+    display: str = Field(default="0/0", description="ready/total, for kubectl get.")
+
+
+class Progress(ApiModel):
+    step: int = 0
+    max_steps: int = 0
+    loss: float | None = None
+    learning_rate: float | None = None
+    samples_per_second: float | None = None
+    eta_seconds: float | None = None
+    display: str = Field(default="", description="step/maxSteps, for kubectl get.")
+    updated: str | None = None
+
+
+class Outputs(ApiModel):
+    claim_name: str | None = None
+    path: str | None = None
+    embeddings: str | None = None
+    pipeline: str | None = None
+    inference_job: str | None = None
+
+
+class FineTuneJobStatus(ApiModel):
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    workers: WorkersStatus | None = None
+    progress: Progress | None = None
+    restarts: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    outputs: Outputs | None = None

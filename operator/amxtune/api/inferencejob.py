@@ -1,0 +1,70 @@
+"""InferenceJob (amxtune.io/v1alpha1): export a trained pipeline to OpenVINO, render samples.
+
+A FineTuneJob with `spec.export` creates one (owned by it) when training succeeds; users can
+also create one directly for any trained output folder.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from amxtune.api.base import ApiModel
+from amxtune.api.export import ExportSpec
+from amxtune.api.finetunejob import Condition, ModelSource, Phase
+from amxtune.api.kube import EnvVar, PvcPath, Resources, Toleration
+
+
+class InferenceSource(ApiModel):
+    pvc: PvcPath = Field(
+        description="The training output folder. Its pipeline/ is exported when present; "
+        "otherwise model plus the learned embeddings in it."
+    )
+    model: ModelSource | None = Field(
+        default=None, description="Base model, needed when the folder has no pipeline/."
+    )
+    embeddings: str = Field(
+        default="learned_embeds.safetensors", min_length=1,
+        description="Learned embedding file, relative to the source folder.",
+    )
+
+
+class InferenceRuntime(ApiModel):
+    image: str | None = Field(default=None, min_length=1)
+    image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list)
+
+
+class InferenceJobSpec(ExportSpec):
+    """Export `source` with `openvino` options into SOURCE/openvino, render `prompts` into
+    SOURCE/samples."""
+
+    source: InferenceSource
+    runtime: InferenceRuntime = Field(default_factory=InferenceRuntime)
+    backoff_limit: int = Field(default=1, ge=0, le=20, description="Retries of the export pod.")
+
+
+class InferenceTask(ExportSpec):
+    """What the export pod runs (`amxtune-train inference --config`), paths resolved."""
+
+    source_dir: str = Field(min_length=1)
+    base_model: str | None = None
+    revision: str | None = None
+    embeddings: str = "learned_embeds.safetensors"
+    output_dir: str = Field(min_length=1)
+
+
+class InferenceJobStatus(ApiModel):
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    restarts: int = 0
+    exported_model: str | None = None
+    grid: str | None = None
+    images: int | None = None
+    seconds_per_image: float | None = None
+    start_time: str | None = None
+    completion_time: str | None = None

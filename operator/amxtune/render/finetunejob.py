@@ -1,0 +1,330 @@
+"""FineTuneJob -> ConfigMap, headless Service, worker Pods, output PVC. Pure: no API calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR
+
+from amxtune import names
+from amxtune.api.finetunejob import FineTuneJobSpec, MemoryAllocator, OpenMP
+from amxtune.api.training import TrainerConfig
+from amxtune.quantity import parse_quantity
+from amxtune.render.common import (
+    JobIdentity,
+    RenderError,
+    object_meta,
+    pod_security,
+    resource_list,
+    volume_for_pvc,
+)
+from amxtune.settings import Settings
+
+CONFIG_MOUNT = "/etc/amxtune"
+CONFIG_FILE = "trainer.json"
+HOSTFILE = "hostfile"
+DATA_MOUNT = "/data"
+OUTPUT_MOUNT = "/output"
+MODEL_MOUNT = "/models"
+HF_HOME = "/var/cache/huggingface"
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How each worker pod's CPUs are split among its ranks."""
+
+    cores_per_worker: int
+    ranks_per_node: int
+    ccl_workers: int
+
+    @property
+    def cores_per_rank(self) -> int:
+        return self.cores_per_worker // self.ranks_per_node
+
+    @property
+    def omp_threads(self) -> int:
+        return self.cores_per_rank - self.ccl_workers
+
+
+def rank_layout(spec: FineTuneJobSpec) -> RankLayout:
+    cpu = parse_quantity(spec.workers.resources.cpu)
+    cores = int(cpu.to_integral_value(rounding=ROUND_FLOOR))
+    layout = RankLayout(cores, spec.workers.ranks_per_node, spec.runtime.ccl.worker_count)
+    if layout.omp_threads < 1:
+        raise RenderError(
+            "spec.workers.resources.cpu",
+            f"{spec.workers.resources.cpu} CPUs cannot host {layout.ranks_per_node} ranks that "
+            f"each keep {layout.ccl_workers} core(s) for oneCCL and need at least one compute "
+            f"core: give at least {layout.ranks_per_node * (layout.ccl_workers + 1)} CPUs, or "
+            "lower spec.workers.ranksPerNode / spec.runtime.ccl.workerCount",
+        )
+    return layout
+
+
+def output_path(job: JobIdentity, spec: FineTuneJobSpec) -> str:
+    """Folder inside the output volume that holds this job's results."""
+    return (spec.output.path or job.name).strip("/")
+
+
+def model_location(spec: FineTuneJobSpec) -> str:
+    if spec.model.pvc is not None:
+        return f"{MODEL_MOUNT}/{spec.model.pvc.path}".rstrip("/")
+    assert spec.model.name is not None  # the schema requires name or pvc
+    return spec.model.name
+
+
+def trainer_config(job: JobIdentity, spec: FineTuneJobSpec) -> TrainerConfig:
+    """The trainer's options, as every rank reads them from the ConfigMap."""
+    data_dir = DATA_MOUNT
+    if spec.data.pvc is not None and spec.data.pvc.path:
+        data_dir = f"{DATA_MOUNT}/{spec.data.pvc.path.strip('/')}"
+    # Always resume: a worker recreated after a failure continues from the last checkpoint.
+    training = spec.training.model_copy(update={"resume_from_checkpoint": "latest"})
+    assert spec.textual_inversion is not None  # required for the only method so far
+    return TrainerConfig(
+        pretrained_model_name_or_path=model_location(spec),
+        revision=spec.model.revision,
+        train_data_dir=data_dir,
+        output_dir=f"{OUTPUT_MOUNT}/{output_path(job, spec)}",
+        textual_inversion=spec.textual_inversion,
+        training=training,
+        runtime=spec.runtime.to_trainer_options(),
+    )
+
+
+def hostfile(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> str:
+    """One line per worker, like the recipe's nodefile (for mpirun users)."""
+    return "".join(
+        f"{names.worker_dns(job.name, job.namespace, rank, settings.cluster_domain)} "
+        f"slots={spec.workers.ranks_per_node}\n"
+        for rank in range(spec.workers.nodes)
+    )
+
+
+def rank_environment(
+    job: JobIdentity, spec: FineTuneJobSpec, settings: Settings, node_rank: int
+) -> list[dict]:
+    """Environment of worker `node_rank`: threads, allocator, oneCCL, rendezvous, token."""
+    layout = rank_layout(spec)
+    preload = []
+    if spec.runtime.memory_allocator == MemoryAllocator.tcmalloc:
+        preload.append(settings.tcmalloc_path)
+    elif spec.runtime.memory_allocator == MemoryAllocator.jemalloc:
+        preload.append(settings.jemalloc_path)
+    if spec.runtime.open_mp == OpenMP.iomp5:
+        preload.append(settings.iomp5_path)
+    env = {
+        "OMP_NUM_THREADS": str(layout.omp_threads),
+        "KMP_AFFINITY": "granularity=fine,compact,1,0",
+        "KMP_BLOCKTIME": "1",
+        "CCL_ATL_TRANSPORT": spec.runtime.ccl.transport,
+        "CCL_WORKER_COUNT": str(layout.ccl_workers),
+        "FI_PROVIDER": spec.runtime.ccl.fi_provider,
+        "I_MPI_HYDRA_IFACE": spec.runtime.network_interface,
+        "GLOO_SOCKET_IFNAME": spec.runtime.network_interface,
+        "MASTER_ADDR": names.worker_dns(job.name, job.namespace, 0, settings.cluster_domain),
+        "MASTER_PORT": str(spec.runtime.master_port),
+        "AMXTUNE_NODE_RANK": str(node_rank),
+        "AMXTUNE_NUM_NODES": str(spec.workers.nodes),
+        "AMXTUNE_RANKS_PER_NODE": str(spec.workers.ranks_per_node),
+        "HF_HOME": HF_HOME,
+        "PYTHONUNBUFFERED": "1",
+    }
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    out = [{"name": k, "value": v} for k, v in env.items()]
+    if spec.model.token_secret_ref is not None:
+        ref = spec.model.token_secret_ref
+        out.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    out.extend({"name": e.name, "value": e.value} for e in spec.runtime.env)
+    return out
+
+
+def worker_command(spec: FineTuneJobSpec, node_rank: int) -> list[str]:
+    return [
+        "torchrun",
+        f"--nnodes={spec.workers.nodes}",
+        f"--nproc-per-node={spec.workers.ranks_per_node}",
+        f"--node-rank={node_rank}",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "amxtune_trainer",
+        "textual-inversion",
+        f"--config={CONFIG_MOUNT}/{CONFIG_FILE}",
+    ]
+
+
+@dataclass
+class FineTuneJobObjects:
+    config_map: dict
+    service: dict
+    pods: list[dict]
+    output_claim: dict | None
+    output_claim_name: str
+    extra: list[dict] = field(default_factory=list)
+
+    def all(self) -> list[dict]:
+        objects = [self.config_map, self.service, *self.pods]
+        return ([self.output_claim] if self.output_claim else []) + objects
+
+
+def render_config_map(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> dict:
+    config = trainer_config(job, spec).to_wire()
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(job, names.config_map(job.name), "config"),
+        "data": {
+            CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n",
+            HOSTFILE: hostfile(job, spec, settings),
+        },
+    }
+
+
+def render_service(job: JobIdentity, spec: FineTuneJobSpec) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(job, names.service(job.name), "worker"),
+        "spec": {
+            "clusterIP": "None",
+            # DNS names must resolve before the ranks are ready: they rendezvous to get ready.
+            "publishNotReadyAddresses": True,
+            "selector": {names.JOB_LABEL: job.name, "app.kubernetes.io/component": "worker"},
+            "ports": [{"name": "rendezvous", "port": spec.runtime.master_port}],
+        },
+    }
+
+
+def render_output_claim(job: JobIdentity, spec: FineTuneJobSpec) -> dict | None:
+    volume = spec.output.pvc
+    if volume.create is None:
+        return None
+    claim: dict = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        # No owner reference: results outlive the job.
+        "metadata": object_meta(
+            job, names.output_claim(job.name, volume.claim_name), "output", owned=False
+        ),
+        "spec": {
+            "accessModes": [volume.create.access_mode],
+            "resources": {"requests": {"storage": str(volume.create.size)}},
+        },
+    }
+    if volume.create.storage_class_name is not None:
+        claim["spec"]["storageClassName"] = volume.create.storage_class_name
+    return claim
+
+
+def _affinity(job: JobIdentity, spec: FineTuneJobSpec) -> dict:
+    affinity: dict = {
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": {names.JOB_LABEL: job.name}},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
+    }
+    if spec.workers.require_amx:
+        affinity["nodeAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": key, "operator": "In", "values": ["true"]}
+                            for key in spec.workers.amx_node_labels
+                        ]
+                    }
+                ]
+            }
+        }
+    return affinity
+
+
+def render_worker(
+    job: JobIdentity, spec: FineTuneJobSpec, settings: Settings, node_rank: int, attempt: int
+) -> dict:
+    claim = names.output_claim(job.name, spec.output.pvc.claim_name)
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "hf-cache", "mountPath": HF_HOME},
+    ]
+    volumes: list[dict] = [
+        {"name": "config", "configMap": {"name": names.config_map(job.name)}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.workers.shm_size)}},
+        {"name": "hf-cache", "emptyDir": {}},
+    ]
+    if spec.model.pvc is not None:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+        volumes.append(volume_for_pvc("model", spec.model.pvc.claim_name, read_only=True))
+    if node_rank == 0:  # only rank 0 reads the data and writes results (DESIGN.md)
+        mounts.append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
+        if spec.data.pvc is not None:
+            volumes.append(volume_for_pvc("data", spec.data.pvc.claim_name, read_only=True))
+        else:
+            assert spec.data.config_map is not None
+            volumes.append({"name": "data", "configMap": {"name": spec.data.config_map.name}})
+        mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})
+        volumes.append(volume_for_pvc("output", claim))
+    meta = object_meta(job, names.worker(job.name, node_rank), "worker")
+    meta["labels"][names.RANK_LABEL] = str(node_rank)
+    meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
+    image = spec.runtime.image or settings.trainer_image
+    pod_spec: dict = {
+        "restartPolicy": "Never",
+        "hostname": names.worker(job.name, node_rank),
+        "subdomain": names.service(job.name),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "affinity": _affinity(job, spec),
+        "securityContext": pod_security(settings),
+        "containers": [
+            {
+                "name": "trainer",
+                "image": image,
+                "imagePullPolicy": spec.runtime.image_pull_policy,
+                "command": worker_command(spec, node_rank),
+                "env": rank_environment(job, spec, settings, node_rank),
+                "resources": resource_list(spec.workers.resources),
+                "volumeMounts": mounts,
+                "ports": [{"name": "rendezvous", "containerPort": spec.runtime.master_port}]
+                if node_rank == 0
+                else [],
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if spec.workers.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.workers.node_selector)
+    if spec.workers.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in spec.workers.tolerations]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def render_finetunejob(
+    job: JobIdentity, spec: FineTuneJobSpec, settings: Settings, attempt: int = 0
+) -> FineTuneJobObjects:
+    rank_layout(spec)  # fail early, before anything is rendered
+    return FineTuneJobObjects(
+        config_map=render_config_map(job, spec, settings),
+        service=render_service(job, spec),
+        pods=[
+            render_worker(job, spec, settings, rank, attempt) for rank in range(spec.workers.nodes)
+        ],
+        output_claim=render_output_claim(job, spec),
+        output_claim_name=names.output_claim(job.name, spec.output.pvc.claim_name),
+    )

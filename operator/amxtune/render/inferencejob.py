@@ -1,0 +1,151 @@
+"""InferenceJob -> ConfigMap (the export task) and one export Pod. Pure: no API calls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from amxtune import names
+from amxtune.api.finetunejob import FineTuneJobSpec
+from amxtune.api.inferencejob import InferenceJobSpec, InferenceTask
+from amxtune.render.common import (
+    JobIdentity,
+    object_meta,
+    pod_security,
+    resource_list,
+    volume_for_pvc,
+)
+from amxtune.render.finetunejob import (
+    CONFIG_MOUNT,
+    HF_HOME,
+    MODEL_MOUNT,
+    OUTPUT_MOUNT,
+    output_path,
+)
+from amxtune.settings import Settings
+
+TASK_FILE = "inference.json"
+
+
+@dataclass
+class InferenceJobObjects:
+    config_map: dict
+    pod: dict
+
+    def all(self) -> list[dict]:
+        return [self.config_map, self.pod]
+
+
+def inference_task(spec: InferenceJobSpec) -> InferenceTask:
+    source_dir = f"{OUTPUT_MOUNT}/{spec.source.pvc.path.strip('/')}".rstrip("/")
+    base = None
+    if spec.source.model is not None:
+        base = (
+            f"{MODEL_MOUNT}/{spec.source.model.pvc.path}".rstrip("/")
+            if spec.source.model.pvc is not None
+            else spec.source.model.name
+        )
+    export_fields = set(InferenceTask.model_fields) & set(InferenceJobSpec.model_fields)
+    return InferenceTask(
+        **spec.model_dump(include=export_fields),
+        source_dir=source_dir,
+        base_model=base,
+        revision=spec.source.model.revision if spec.source.model else None,
+        embeddings=spec.source.embeddings,
+        output_dir=source_dir,
+    )
+
+
+def render_inferencejob(
+    job: JobIdentity, spec: InferenceJobSpec, settings: Settings, attempt: int = 0
+) -> InferenceJobObjects:
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(job, names.config_map(job.name), "config"),
+        "data": {TASK_FILE: json.dumps(inference_task(spec).to_wire(), indent=2, sort_keys=True)},
+    }
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "output", "mountPath": OUTPUT_MOUNT},
+        {"name": "hf-cache", "mountPath": HF_HOME},
+    ]
+    volumes = [
+        {"name": "config", "configMap": {"name": names.config_map(job.name)}},
+        volume_for_pvc("output", spec.source.pvc.claim_name),
+        {"name": "hf-cache", "emptyDir": {}},
+    ]
+    env = [
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    model = spec.source.model
+    if model is not None and model.pvc is not None:
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+        volumes.append(volume_for_pvc("model", model.pvc.claim_name, read_only=True))
+    if model is not None and model.token_secret_ref is not None:
+        ref = model.token_secret_ref
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    env += [{"name": e.name, "value": e.value} for e in spec.runtime.env]
+    meta = object_meta(job, names.export_pod(job.name), "export")
+    meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
+    pod_spec: dict = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security(settings),
+        "containers": [
+            {
+                "name": "export",
+                "image": spec.runtime.image or settings.trainer_image,
+                "imagePullPolicy": spec.runtime.image_pull_policy,
+                "command": [
+                    "python", "-m", "amxtune_trainer", "inference",
+                    f"--config={CONFIG_MOUNT}/{TASK_FILE}",
+                ],
+                "env": env,
+                "resources": resource_list(spec.runtime.resources),
+                "volumeMounts": mounts,
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }
+        ],
+        "volumes": volumes,
+    }
+    if spec.runtime.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.runtime.node_selector)
+    if spec.runtime.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in spec.runtime.tolerations]
+    return InferenceJobObjects(
+        config_map, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    )
+
+
+def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str) -> dict:
+    """The InferenceJob a FineTuneJob with spec.export creates when training succeeds."""
+    assert spec.export is not None
+    source: dict = {"pvc": {"claimName": claim_name, "path": output_path(job, spec)}}
+    if not spec.training.save_as_full_pipeline:
+        source["model"] = spec.model.to_wire()
+    runtime: dict = {"resources": spec.workers.resources.to_wire()}
+    if spec.runtime.image:
+        runtime["image"] = spec.runtime.image
+    runtime["imagePullPolicy"] = spec.runtime.image_pull_policy
+    if spec.workers.node_selector:
+        runtime["nodeSelector"] = dict(spec.workers.node_selector)
+    if spec.workers.tolerations:
+        runtime["tolerations"] = [t.to_wire() for t in spec.workers.tolerations]
+    if spec.runtime.env:
+        runtime["env"] = [e.to_wire() for e in spec.runtime.env]
+    body_spec = {**spec.export.to_wire(), "source": source, "runtime": runtime}
+    InferenceJobSpec.model_validate(body_spec)  # what we create must pass our own schema
+    return {
+        "apiVersion": f"{names.GROUP}/v1alpha1",
+        "kind": "InferenceJob",
+        "metadata": object_meta(job, names.inference_job(job.name), "export"),
+        "spec": body_spec,
+    }

@@ -1,0 +1,72 @@
+"""`amxtune render` and `amxtune crds` as a user runs them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def amxtune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "amxtune.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_render_prints_every_object_of_the_example():
+    result = amxtune("render", str(ROOT / "examples" / "finetunejob.yaml"), "-n", "team-a")
+    assert result.returncode == 0, result.stderr
+    objects = list(yaml.safe_load_all(result.stdout))
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["PersistentVolumeClaim", "ConfigMap", "Service"] + ["Pod"] * 4
+    assert {o["metadata"]["namespace"] for o in objects} == {"team-a"}
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"training": {"resolution": 500}}, "spec.training.resolution: "),
+        (
+            {"workers": {"nodes": 0}},
+            "spec.workers.nodes: Input should be greater than or equal to 1",
+        ),
+        (
+            {"model": {"name": "x", "pvc": {"claimName": "m"}}},
+            "spec.model: set exactly one of name and pvc",
+        ),
+        (
+            {"textualInversion": {"placeholderToken": "<a b>", "initializerToken": "toy"}},
+            "spec.textualInversion.placeholderToken: ",
+        ),
+        ({"export": {"prompts": []}}, "spec.export.prompts: "),
+    ],
+)
+def test_render_rejects_bad_specs_with_the_field_path(tmp_path, patch, expected):
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    doc["spec"].update(patch)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = amxtune("render", str(path))
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_render_reports_a_missing_file_in_one_line(tmp_path):
+    result = amxtune("render", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "cannot read" in result.stderr
+
+
+def test_crds_print_both_definitions():
+    result = amxtune("crds")
+    assert result.returncode == 0
+    names = [d["metadata"]["name"] for d in yaml.safe_load_all(result.stdout)]
+    assert names == ["finetunejobs.amxtune.io", "inferencejobs.amxtune.io"]

@@ -1,0 +1,75 @@
+"""The CRDs are generated from the models; crds/ must be what `amxtune crds` writes."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amxtune import crd
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", sorted(crd.render_all()))
+def test_crds_folder_is_up_to_date(name):
+    committed = ROOT / "crds" / name
+    assert committed.is_file(), f"crds/{name} is missing: run `make crds`"
+    assert committed.read_text() == crd.render_all()[name], f"crds/{name} is stale: run `make crds`"
+
+
+def walk(schema: dict, path: str = ""):
+    yield path, schema
+    for key, child in schema.get("properties", {}).items():
+        yield from walk(child, f"{path}.{key}")
+    if "items" in schema:
+        yield from walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("kind", crd.KINDS, ids=lambda k: k.kind)
+def test_schema_is_structural(kind):
+    root = crd.crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(root):
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "title", "$defs"} & node.keys(), path
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        if "default" in node:
+            assert node["default"] is not None, path
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True, path
+
+
+def test_defaults_live_in_the_schema():
+    spec = crd.crd(crd.KINDS[0])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"
+    ]["properties"]
+    assert spec["training"]["default"] == {}
+    assert spec["training"]["properties"]["maxTrainSteps"]["default"] == 5000
+    assert spec["workers"]["properties"]["amxNodeLabels"]["default"] == [
+        "feature.node.kubernetes.io/cpu-cpuid.AMXBF16",
+        "feature.node.kubernetes.io/cpu-cpuid.AMXTILE",
+    ]
+    assert spec["output"]["properties"]["pvc"]["default"] == {"create": {}}
+    assert spec["workers"]["properties"]["resources"]["properties"]["cpu"] == {
+        "default": "4",
+        "description": "CPU cores per worker pod (one per node).",
+        "x-kubernetes-int-or-string": True,
+    }
+
+
+def test_printer_columns_and_names():
+    text = crd.render_all()["finetunejobs.amxtune.io.yaml"]
+    body = yaml.safe_load(text)
+    version = body["spec"]["versions"][0]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Step",
+        "Loss",
+        "Workers",
+        "Age",
+    ]
+    assert body["spec"]["names"]["shortNames"] == ["ftj"]
+    assert body["spec"]["names"]["categories"] == ["amxtune"]
+    assert version["subresources"] == {"status": {}}

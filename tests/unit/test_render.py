@@ -1,0 +1,133 @@
+"""Rendering: golden files for whole manifests, and the resource math for several sizes."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amxtune import manifest
+from amxtune.api.finetunejob import FineTuneJobSpec
+from amxtune.render import JobIdentity, RenderError, rank_layout, render_finetunejob
+from amxtune.render.inferencejob import inference_job_for, render_inferencejob
+from amxtune.settings import Settings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden"
+UPDATE = os.environ.get("AMXTUNE_UPDATE_GOLDEN") == "1"
+
+
+def render_file(path: Path) -> list[dict]:
+    objects = []
+    for item in manifest.load(path):
+        identity = JobIdentity(
+            item.identity.name, item.identity.namespace, "uid-1", item.identity.kind
+        )
+        if identity.kind == "FineTuneJob":
+            objects += render_finetunejob(identity, item.spec, Settings()).all()
+        else:
+            objects += render_inferencejob(identity, item.spec, Settings()).all()
+    return objects
+
+
+@pytest.mark.parametrize(
+    ("source", "golden"),
+    [
+        (ROOT / "examples" / "finetunejob.yaml", "dicoo.yaml"),
+        (HERE / "manifests" / "small.yaml", "small.yaml"),
+        (HERE / "manifests" / "inferencejob.yaml", "inferencejob.yaml"),
+    ],
+)
+def test_render_matches_golden_file(source, golden):
+    text = yaml.safe_dump_all(render_file(source), sort_keys=False)
+    path = GOLDEN / golden
+    if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text(), f"rerun with AMXTUNE_UPDATE_GOLDEN=1 if {golden} should change"
+
+
+def spec(**workers) -> FineTuneJobSpec:
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "tiny"},
+            "data": {"configMap": {"name": "images"}},
+            "textualInversion": {"placeholderToken": "<x>", "initializerToken": "toy"},
+            "workers": workers.pop("workers"),
+            "runtime": {"ccl": {"workerCount": workers.pop("ccl", 1)}},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("cpu", "ranks", "ccl", "threads"),
+    [
+        ("56", 4, 1, 13),  # the recipe: 4 ranks on a 56-core socket pair half
+        ("112", 4, 1, 27),
+        ("112", 8, 2, 12),
+        (8, 2, 1, 3),
+        ("4", 1, 1, 3),
+        ("2500m", 1, 1, 1),  # fractional CPUs round down to whole cores
+    ],
+)
+def test_omp_threads_are_cores_per_rank_minus_ccl_workers(cpu, ranks, ccl, threads):
+    layout = rank_layout(spec(workers={"resources": {"cpu": cpu}, "ranksPerNode": ranks}, ccl=ccl))
+    assert layout.omp_threads == threads
+
+
+def test_too_few_cpus_for_the_ranks_names_the_field():
+    bad = spec(workers={"resources": {"cpu": "4"}, "ranksPerNode": 4}, ccl=1)
+    with pytest.raises(RenderError) as info:
+        render_finetunejob(JobIdentity("x", "ns", "u"), bad, Settings())
+    assert info.value.field == "spec.workers.resources.cpu"
+    assert "at least 8 CPUs" in str(info.value)
+
+
+def test_every_worker_gets_its_rank_and_only_worker_0_mounts_data_and_output():
+    job = spec(workers={"nodes": 3, "resources": {"cpu": "8"}})
+    pods = render_finetunejob(JobIdentity("j", "ns", "u"), job, Settings()).pods
+    assert [p["metadata"]["labels"]["amxtune.io/rank"] for p in pods] == ["0", "1", "2"]
+    for rank, pod in enumerate(pods):
+        command = pod["spec"]["containers"][0]["command"]
+        assert f"--node-rank={rank}" in command and "--nnodes=3" in command
+        mounted = {m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        assert ({"data", "output"} <= mounted) == (rank == 0)
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["MASTER_ADDR"] == "j-worker-0.j-workers.ns.svc.cluster.local"
+
+
+def test_token_comes_from_the_secret_never_inline():
+    job = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "org/model", "tokenSecretRef": {"name": "hf", "key": "tok"}},
+            "data": {"configMap": {"name": "images"}},
+            "textualInversion": {"placeholderToken": "<x>", "initializerToken": "toy"},
+        }
+    )
+    pod = render_finetunejob(JobIdentity("j", "ns", "u"), job, Settings()).pods[0]
+    token = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "HF_TOKEN"]
+    assert token == [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "tok"}}}
+    ]
+
+
+def test_output_claim_is_not_owned_so_it_outlives_the_job():
+    job = spec(workers={})
+    objects = render_finetunejob(JobIdentity("j", "ns", "u"), job, Settings())
+    assert objects.output_claim["metadata"]["name"] == "j-output"
+    assert "ownerReferences" not in objects.output_claim["metadata"]
+    for owned in (objects.config_map, objects.service, *objects.pods):
+        assert owned["metadata"]["ownerReferences"][0]["uid"] == "u"
+
+
+def test_inference_job_for_a_finetunejob_uses_its_output_and_prompts():
+    item = manifest.load(ROOT / "examples" / "finetunejob.yaml")[0]
+    identity = JobIdentity("dicoo", "default", "u")
+    body = inference_job_for(identity, item.spec, "dicoo-output")
+    assert body["metadata"]["name"] == "dicoo-export"
+    assert body["spec"]["source"]["pvc"] == {"claimName": "dicoo-output", "path": "dicoo"}
+    assert body["spec"]["prompts"] == item.spec.export.prompts
+    # saveAsFullPipeline: the export starts from pipeline/, no base model needed
+    assert "model" not in body["spec"]["source"]
