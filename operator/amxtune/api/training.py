@@ -137,6 +137,14 @@ class TrainingOptions(ApiModel):
     )
     num_validation_images: int = Field(default=4, ge=1, le=64)
     validation_steps: int = Field(default=100, ge=1)
+    validation_inference_steps: int = Field(
+        default=25, ge=1, le=200, description="Denoising steps per validation image."
+    )
+    eval_samples: int = Field(
+        default=4, ge=0, le=256,
+        description="Size of a fixed evaluation set of (image, timestep, noise); its loss is "
+        "measured before and after training and reported in metrics.json. 0 disables it.",
+    )
     save_as_full_pipeline: bool = Field(
         default=False, description="Also save the whole pipeline (fp32) with the new token."
     )

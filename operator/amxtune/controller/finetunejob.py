@@ -1,0 +1,332 @@
+"""FineTuneJob reconciliation: level-based, idempotent, restart-safe.
+
+Every call reads the job and its pods afresh and moves them one step towards the spec; all
+state lives in the job's status (restarts = attempt number, start time, progress), so an
+operator restarted mid-job continues where the previous one stopped, and names are
+deterministic so nothing is created twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import ValidationError
+
+from amxtune import names
+from amxtune.api.finetunejob import FineTuneJobSpec, Phase
+from amxtune.controller import metrics
+from amxtune.controller.base import Pass, Reconciler
+from amxtune.controller.kube import now_iso
+from amxtune.controller.state import (
+    PodView,
+    apply_kstatus,
+    condition,
+    last_json_line,
+    log_excerpt,
+    parse_time,
+    set_condition,
+)
+from amxtune.manifest import describe_validation_error
+from amxtune.render import JobIdentity, RenderError, output_path, render_finetunejob
+from amxtune.render.inferencejob import inference_job_for
+
+log = logging.getLogger("amxtune.finetunejob")
+KIND = "FineTuneJob"
+
+
+class FineTuneJobController(Reconciler):
+    kind = KIND
+
+    def _step(self, run: Pass) -> None:
+        status = run.status
+        phase = status.get("phase")
+        started = phase not in (None, Phase.Pending)
+        try:
+            spec = FineTuneJobSpec.model_validate(run.body["spec"])
+        except ValidationError as error:
+            message = describe_validation_error(error)
+            return self._fail(run, "InvalidSpec", message) if started else self._block(
+                run, "InvalidSpec", message
+            )
+        job = JobIdentity.from_body(run.body, KIND)
+        if phase in (Phase.Succeeded, Phase.Failed):
+            self._stop_workers(job, keep_finished=True)
+            return None
+        if not started and not self._start(run, job, spec):
+            return None
+        if spec.suspend:
+            return self._suspend(run, job)
+        if status.get("phase") == Phase.Suspended:
+            status["phase"] = Phase.Running
+            run.event("Normal", "Resumed", "resuming from the latest checkpoint")
+        deadline = spec.active_deadline_seconds
+        started_at = parse_time(status.get("startTime"))
+        if deadline and started_at and (run.now - started_at).total_seconds() > deadline:
+            self._stop_workers(job)
+            return self._fail(
+                run, "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds "
+                f"({deadline} s)"
+            )
+        if status.get("phase") == Phase.Exporting:
+            return self._exporting(run, job, spec)
+        return self._running(run, job, spec)
+
+    def _start(self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec) -> bool:
+        """Pending -> Running: check what the spec refers to, then create the shared objects."""
+        problem = self._preflight(job, spec)
+        if problem:
+            self._block(run, *problem)
+            return False
+        try:
+            objects = render_finetunejob(job, spec, self.settings, attempt=0)
+        except RenderError as error:
+            self._block(run, "InvalidSpec", str(error))
+            return False
+        if objects.output_claim is not None and self.kube.create(objects.output_claim):
+            run.event("Normal", "OutputVolumeCreated",
+                      f"created PersistentVolumeClaim {objects.output_claim_name} (kept after "
+                      "the job is deleted)")
+        self.kube.create(objects.config_map)
+        self.kube.create(objects.service)
+        run.status.update(
+            phase=Phase.Running,
+            startTime=now_iso(run.now),
+            restarts=run.status.get("restarts", 0),
+            outputs={"claimName": objects.output_claim_name, "path": output_path(job, spec)},
+        )
+        set_condition(run.status, "Stalled", False, "NotStalled", "", run.now)
+        return True
+
+    def _preflight(self, job: JobIdentity, spec: FineTuneJobSpec) -> tuple[str, str] | None:
+        """What only the cluster can tell: referenced Secrets, claims and ConfigMaps exist."""
+        ns = job.namespace
+        ref = spec.model.token_secret_ref
+        if ref is not None:
+            secret = self.kube.read("Secret", ns, ref.name)
+            if secret is None:
+                return "SecretNotFound", (
+                    f"spec.model.tokenSecretRef: Secret {ref.name!r} not found in namespace {ns}"
+                )
+            if ref.key not in secret["keys"]:
+                return "SecretKeyNotFound", (
+                    f"spec.model.tokenSecretRef: Secret {ref.name!r} has no key {ref.key!r}"
+                )
+        claims = []
+        if spec.model.pvc is not None:
+            claims.append(("spec.model.pvc", spec.model.pvc.claim_name))
+        if spec.data.pvc is not None:
+            claims.append(("spec.data.pvc", spec.data.pvc.claim_name))
+        if spec.output.pvc.create is None:
+            claims.append(("spec.output.pvc", spec.output.pvc.claim_name))
+        for field_path, claim in claims:
+            if self.kube.read("PersistentVolumeClaim", ns, claim) is None:
+                return "VolumeNotFound", (
+                    f"{field_path}: PersistentVolumeClaim {claim!r} not found in namespace {ns}"
+                )
+        if spec.data.config_map is not None:
+            found = self.kube.read("ConfigMap", ns, spec.data.config_map.name)
+            if found is None:
+                return "ConfigMapNotFound", (
+                    f"spec.data.configMap: ConfigMap {spec.data.config_map.name!r} not found "
+                    f"in namespace {ns}"
+                )
+            if not (found.get("binaryData") or found.get("data")):
+                return "NoTrainingImages", (
+                    f"spec.data.configMap: ConfigMap {spec.data.config_map.name!r} is empty"
+                )
+        return None
+
+    def _running(self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec) -> None:
+        status = run.status
+        attempt = status.get("restarts", 0)
+        pods = [PodView.of(p) for p in self.kube.list_pods(job.namespace, job.name, KIND)]
+        current = {p.rank: p for p in pods if p.attempt == attempt}
+        stale = [p for p in pods if p.attempt != attempt]
+        for pod in stale:
+            if not pod.deleting:
+                self.kube.delete("Pod", job.namespace, pod.name)
+
+        leader = current.get(0)
+        if leader is not None and leader.phase == "Succeeded":
+            return self._trained(run, job, spec, leader)
+        failed = sorted((p for p in current.values() if p.phase == "Failed"), key=lambda p: p.rank)
+        if failed:
+            return self._worker_failed(run, job, spec, failed[0], list(current.values()))
+        if stale:
+            self._waiting(run, "Restarting", "waiting for the previous workers to stop")
+            return None
+
+        objects = render_finetunejob(job, spec, self.settings, attempt=attempt)
+        created = [pod for pod in objects.pods if pod["metadata"]["name"] not in
+                   {p.name for p in current.values()} and self.kube.create(pod)]
+        if created:
+            run.event("Normal", "WorkersCreated",
+                      f"created {len(created)} worker pod(s) for attempt {attempt}: "
+                      f"{spec.workers.nodes} x {spec.workers.ranks_per_node} ranks")
+        self._observe_workers(run, job, spec, list(current.values()))
+        self._read_progress(run, job, leader, spec)
+
+    def _observe_workers(
+        self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec, pods: list[PodView]
+    ) -> None:
+        status = run.status
+        total = spec.workers.nodes
+        ready = sum(p.ready for p in pods)
+        status["workers"] = {"ready": ready, "total": total, "display": f"{ready}/{total}"}
+        unschedulable = [p for p in pods if p.unschedulable]
+        if unschedulable:
+            pod = unschedulable[0]
+            message = f"{pod.name} cannot be scheduled: {pod.unschedulable}"
+            before = condition(status, "WorkersReady")
+            if not before or before["reason"] != "Unschedulable":
+                run.event("Warning", "Unschedulable", message)
+            set_condition(status, "WorkersReady", False, "Unschedulable", message, run.now)
+            timeout = spec.workers.scheduling_timeout_seconds
+            since = min((p.created for p in unschedulable if p.created), default=run.now)
+            if timeout and (run.now - since).total_seconds() > timeout:
+                self._stop_workers(job)
+                self._fail(run, "Unschedulable",
+                           f"{message} (for more than schedulingTimeoutSeconds={timeout})")
+                return
+            apply_kstatus(status, "Unschedulable", message, run.now)
+            return
+        if ready == total:
+            set_condition(status, "WorkersReady", True, "AllReady", f"{ready}/{total} ready",
+                          run.now)
+            set_condition(status, "Training", True, "Training", "ranks are training", run.now)
+            apply_kstatus(status, "Training", f"training on {total} worker(s)", run.now)
+        else:
+            set_condition(status, "WorkersReady", False, "Starting",
+                          f"{ready}/{total} worker pods ready", run.now)
+            apply_kstatus(status, "Starting", f"{ready}/{total} worker pods ready", run.now)
+
+    def _read_progress(
+        self, run: Pass, job: JobIdentity, leader: PodView | None, spec: FineTuneJobSpec
+    ) -> None:
+        """Rank 0's latest JSON progress line, read from its log at most every few seconds."""
+        if leader is None or leader.phase != "Running":
+            return
+        progress = run.status.get("progress") or {}
+        last = parse_time(progress.get("updated"))
+        if last and (run.now - last).total_seconds() < self.settings.progress_interval_seconds:
+            return
+        record = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50), "progress")
+        if record is None:
+            return
+        self._set_progress(run, record, spec)
+
+    def _set_progress(self, run: Pass, record: dict, spec: FineTuneJobSpec) -> None:
+        step = int(record.get("step", 0))
+        max_steps = int(record.get("max_steps", spec.training.max_train_steps))
+        progress = {
+            "step": step,
+            "maxSteps": max_steps,
+            "display": f"{step}/{max_steps}",
+            "updated": now_iso(run.now),
+        }
+        for source, target in (("loss", "loss"), ("lr", "learningRate"),
+                               ("samples_per_second", "samplesPerSecond"),
+                               ("eta_seconds", "etaSeconds")):
+            if isinstance(record.get(source), int | float):
+                progress[target] = round(float(record[source]), 6)
+        run.status["progress"] = progress
+
+    def _trained(
+        self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec, leader: PodView
+    ) -> None:
+        status = run.status
+        final = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50), "completed")
+        max_steps = spec.training.max_train_steps
+        if final is not None:
+            self._set_progress(
+                run, {"step": final.get("steps", max_steps), "max_steps": max_steps,
+                      "loss": final.get("final_loss")}, spec,
+            )
+        else:
+            self._set_progress(run, {"step": max_steps, "max_steps": max_steps}, spec)
+        outputs = status.setdefault("outputs", {})
+        base = outputs.get("path") or output_path(job, spec)
+        outputs["embeddings"] = f"{base}/learned_embeds.safetensors"
+        if spec.training.save_as_full_pipeline:
+            outputs["pipeline"] = f"{base}/pipeline"
+        status["workers"] = {"ready": 0, "total": spec.workers.nodes,
+                             "display": f"0/{spec.workers.nodes}"}
+        set_condition(status, "Training", False, "Completed", "training finished", run.now)
+        set_condition(status, "WorkersReady", False, "Completed", "workers finished", run.now)
+        self._stop_workers(job, keep_finished=True)
+        if spec.export is not None:
+            body = inference_job_for(job, spec, outputs.get("claimName") or
+                                     names.output_claim(job.name, spec.output.pvc.claim_name))
+            if self.kube.create(body):
+                run.event("Normal", "ExportStarted",
+                          f"created InferenceJob {body['metadata']['name']} to export to "
+                          "OpenVINO and render samples")
+            outputs["inferenceJob"] = body["metadata"]["name"]
+            status["phase"] = Phase.Exporting
+            set_condition(status, "Exported", False, "Exporting", "export in progress", run.now)
+            apply_kstatus(status, "Exporting", "training finished; exporting", run.now)
+            return
+        self._succeed(run, "training finished; results in "
+                      f"{outputs.get('claimName')}:{base}")
+
+    def _exporting(self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec) -> None:
+        name = names.inference_job(job.name)
+        child = self.kube.get_job("InferenceJob", job.namespace, name)
+        if child is None:  # deleted by someone, or creation was interrupted: make it again
+            assert spec.export is not None
+            self.kube.create(inference_job_for(job, spec, run.status["outputs"]["claimName"]))
+            return
+        child_status = child.get("status") or {}
+        phase = child_status.get("phase")
+        outputs = run.status.setdefault("outputs", {})
+        if phase == Phase.Succeeded:
+            outputs["openvino"] = child_status.get("exportedModel")
+            outputs["samples"] = child_status.get("grid")
+            set_condition(run.status, "Exported", True, "Exported",
+                          f"InferenceJob {name} succeeded", run.now)
+            self._succeed(run, f"trained and exported; samples in {outputs.get('samples')}")
+        elif phase == Phase.Failed:
+            message = child_status.get("message") or "the export failed"
+            set_condition(run.status, "Exported", False, "ExportFailed", message, run.now)
+            self._fail(run, "ExportFailed", f"InferenceJob {name}: {message}")
+
+    def _worker_failed(
+        self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec, pod: PodView,
+        current: list[PodView],
+    ) -> None:
+        status = run.status
+        tail = log_excerpt(self.kube.log_tail(job.namespace, pod.name, 20))
+        what = pod.describe_exit()
+        run.event("Warning", "WorkerFailed", what + (f"; last log lines:\n{tail}" if tail else ""))
+        for other in current:
+            if not other.finished and not other.deleting:
+                self.kube.delete("Pod", job.namespace, other.name)
+        restarts = status.get("restarts", 0)
+        if restarts < spec.backoff_limit:
+            status["restarts"] = restarts + 1
+            metrics.RESTARTS.labels(KIND).inc()
+            run.event("Normal", "Restarting",
+                      f"restarting all workers (restart {restarts + 1} of {spec.backoff_limit}); "
+                      "training resumes from the latest checkpoint")
+            set_condition(status, "WorkersReady", False, "Restarting", what, run.now)
+            apply_kstatus(status, "Restarting", f"{what}; restarting", run.now)
+            return
+        self._fail(
+            run, "BackoffLimitExceeded",
+            f"{what}; gave up after {restarts} restart(s) (backoffLimit {spec.backoff_limit})",
+        )
+
+    def _suspend(self, run: Pass, job: JobIdentity) -> None:
+        self._stop_workers(job)
+        if run.status.get("phase") != Phase.Suspended:
+            run.status["phase"] = Phase.Suspended
+            run.event("Normal", "Suspended", "workers deleted; set suspend: false to resume")
+        workers = run.status.get("workers") or {}
+        total = workers.get("total", 0)
+        run.status["workers"] = {"ready": 0, "total": total, "display": f"0/{total}"}
+        set_condition(run.status, "WorkersReady", False, "Suspended", "suspended", run.now)
+        apply_kstatus(run.status, "Suspended", "suspended", run.now)
+
+    def _fail(self, run: Pass, reason: str, message: str) -> None:
+        set_condition(run.status, "Training", False, reason, message, run.now)
+        super()._fail(run, reason, message)

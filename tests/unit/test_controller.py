@@ -1,0 +1,375 @@
+"""The reconcilers' decisions, with an in-memory API in place of the cluster.
+
+The cluster tier runs the same controllers against a real kube-apiserver; these tests pin the
+state machine (restarts, backoff, suspend, export, blocked starts) quickly and exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amxtune import names
+from amxtune.controller.finetunejob import FineTuneJobController
+from amxtune.controller.inferencejob import InferenceJobController
+from amxtune.settings import Settings
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class FakeKube:
+    """Objects by (kind, namespace, name); records status patches and events."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.events: list[tuple[str, str, str, str]] = []
+        self.logs: dict[str, str] = {}
+        self.creates = 0
+
+    def put(self, obj: dict) -> dict:
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta.setdefault("namespace", "ns")
+        meta.setdefault("uid", f"uid-{meta['name']}")
+        meta.setdefault("generation", 1)
+        meta.setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        self.objects[(obj["kind"], meta["namespace"], meta["name"])] = obj
+        return obj
+
+    def get_job(self, kind, namespace, name):
+        return copy.deepcopy(self.objects.get((kind, namespace, name)))
+
+    def list_jobs(self, kind, namespace):
+        return [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind]
+
+    def list_pods(self, namespace, job, kind):
+        return [
+            copy.deepcopy(o)
+            for (k, ns, _), o in self.objects.items()
+            if k == "Pod"
+            and ns == namespace
+            and o["metadata"]["labels"].get(names.JOB_LABEL) == job
+            and o["metadata"]["labels"].get(names.KIND_LABEL) == kind.lower()
+        ]
+
+    def read(self, kind, namespace, name):
+        found = self.objects.get((kind, namespace, name))
+        if found is not None and kind == "Secret":
+            return {"metadata": found["metadata"], "keys": sorted(found.get("data", {}))}
+        return copy.deepcopy(found)
+
+    def log_tail(self, namespace, pod, lines=20):
+        return self.logs.get(pod, "")
+
+    def create(self, obj):
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if key in self.objects:
+            return False
+        self.creates += 1
+        self.put(obj)
+        return True
+
+    def delete(self, kind, namespace, name):
+        self.objects.pop((kind, namespace, name), None)
+
+    def patch_status(self, kind, namespace, name, status):
+        self.objects[(kind, namespace, name)]["status"] = copy.deepcopy(status)
+
+    def event(self, obj, type_, reason, message):
+        self.events.append((obj["metadata"]["name"], type_, reason, message))
+
+    # --- what kubelet / scheduler would do -------------------------------------------------
+
+    def pods(self, job="dicoo"):
+        return sorted(
+            (
+                o
+                for (k, _, _), o in self.objects.items()
+                if k == "Pod" and o["metadata"]["labels"][names.JOB_LABEL] == job
+            ),
+            key=lambda p: p["metadata"]["name"],
+        )
+
+    def set_pod(self, name, phase, exit_code=None, ready=True):
+        pod = self.objects[("Pod", "ns", name)]
+        status = {"phase": phase, "containerStatuses": [{"name": "trainer", "ready": ready}]}
+        if exit_code is not None:
+            status["containerStatuses"][0]["state"] = {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": "Error" if exit_code else "Completed",
+                }
+            }
+        pod["status"] = status
+
+    def unschedulable(self, name, message):
+        self.objects[("Pod", "ns", name)]["status"] = {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": message,
+                }
+            ],
+        }
+
+    def status(self, kind="FineTuneJob", name="dicoo"):
+        return self.objects[(kind, "ns", name)].get("status", {})
+
+    def reasons(self):
+        return [e[2] for e in self.events]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def example(**spec_changes) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    doc["metadata"]["namespace"] = "ns"
+    doc["spec"]["model"] = {"name": "tiny"}
+    doc["spec"]["workers"] = {"nodes": 2, "ranksPerNode": 1, "resources": {"cpu": "4"}}
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+@pytest.fixture
+def world():
+    kube, clock = FakeKube(), Clock()
+    kube.put({"kind": "PersistentVolumeClaim", "metadata": {"name": "concepts", "namespace": "ns"}})
+    settings = Settings(progress_interval_seconds=5)
+    return (
+        kube,
+        clock,
+        FineTuneJobController(kube, settings, clock),
+        InferenceJobController(kube, settings, clock),
+    )
+
+
+def test_start_creates_shared_objects_and_one_pod_per_node(world):
+    kube, clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    assert [p["metadata"]["name"] for p in kube.pods()] == ["dicoo-worker-0", "dicoo-worker-1"]
+    assert ("ConfigMap", "ns", "dicoo-config") in kube.objects
+    assert ("Service", "ns", "dicoo-workers") in kube.objects
+    assert ("PersistentVolumeClaim", "ns", "dicoo-output") in kube.objects
+    status = kube.status()
+    assert status["phase"] == "Running"
+    assert status["workers"] == {"ready": 0, "total": 2, "display": "0/2"}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Stalled": "False",
+        "WorkersReady": "False",
+        "Ready": "False",
+        "Reconciling": "True",
+    }
+    assert kube.reasons() == ["OutputVolumeCreated", "WorkersCreated"]
+
+
+def test_reconciling_again_creates_nothing_twice(world):
+    kube, clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    creates = kube.creates
+    events = len(kube.events)
+    for _ in range(3):
+        ftj.reconcile("ns", "dicoo")
+    assert kube.creates == creates
+    assert len(kube.events) == events
+
+
+def test_progress_comes_from_rank_0_json_lines(world):
+    kube, clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    for pod in kube.pods():
+        kube.set_pod(pod["metadata"]["name"], "Running")
+    kube.logs["dicoo-worker-0"] = "\n".join(
+        [
+            "loading model",
+            json.dumps(
+                {
+                    "event": "progress",
+                    "step": 10,
+                    "max_steps": 200,
+                    "loss": 0.25,
+                    "lr": 0.002,
+                    "samples_per_second": 3.5,
+                    "eta_seconds": 54.0,
+                }
+            ),
+            json.dumps(
+                {
+                    "event": "progress",
+                    "step": 120,
+                    "max_steps": 200,
+                    "loss": 0.112,
+                    "lr": 0.002,
+                    "samples_per_second": 9.8,
+                    "eta_seconds": 8.2,
+                }
+            ),
+            "some warning",
+        ]
+    )
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["progress"]["display"] == "120/200"
+    assert status["progress"]["loss"] == pytest.approx(0.112)
+    assert status["progress"]["samplesPerSecond"] == pytest.approx(9.8)
+    assert status["workers"]["display"] == "2/2"
+    assert {c["type"]: c["status"] for c in status["conditions"]}["Training"] == "True"
+
+
+def test_a_failed_worker_restarts_all_then_fails_after_backoff_limit(world):
+    kube, clock, ftj, _ = world
+    kube.put(example(backoffLimit=1))
+    ftj.reconcile("ns", "dicoo")
+    kube.set_pod("dicoo-worker-1", "Failed", exit_code=137)
+    kube.logs["dicoo-worker-1"] = "step 3\nRuntimeError: connection reset by peer"
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["restarts"] == 1
+    assert "Restarting" in kube.reasons() and "WorkerFailed" in kube.reasons()
+    failed_event = [e for e in kube.events if e[2] == "WorkerFailed"][0]
+    assert "exited with code 137" in failed_event[3] and "connection reset" in failed_event[3]
+    # the remaining worker was deleted with the failed one's attempt; new attempt created next
+    ftj.reconcile("ns", "dicoo")
+    ftj.reconcile("ns", "dicoo")
+    pods = kube.pods()
+    assert {p["metadata"]["labels"][names.ATTEMPT_LABEL] for p in pods} == {"1"}
+    assert len(pods) == 2
+    kube.set_pod("dicoo-worker-0", "Failed", exit_code=1)
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Failed"
+    stalled = [c for c in status["conditions"] if c["type"] == "Stalled"][0]
+    assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
+    assert kube.pods() == [p for p in kube.pods() if p["status"]["phase"] == "Failed"]
+
+
+def test_success_creates_the_inference_job_then_succeeds_with_it(world):
+    kube, clock, ftj, infj = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    kube.set_pod("dicoo-worker-0", "Succeeded", exit_code=0)
+    kube.logs["dicoo-worker-0"] = json.dumps(
+        {"event": "completed", "steps": 200, "final_loss": 0.05, "output_dir": "/output/dicoo"}
+    )
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Exporting"
+    assert status["outputs"]["inferenceJob"] == "dicoo-export"
+    assert status["progress"]["display"] == "200/200"
+    child = kube.objects[("InferenceJob", "ns", "dicoo-export")]
+    assert child["metadata"]["ownerReferences"][0]["name"] == "dicoo"
+
+    infj.reconcile("ns", "dicoo-export")
+    runner = kube.objects[("Pod", "ns", "dicoo-export-runner")]
+    assert runner["spec"]["containers"][0]["command"][:4] == [
+        "python",
+        "-m",
+        "amxtune_trainer",
+        "inference",
+    ]
+    kube.set_pod("dicoo-export-runner", "Succeeded", exit_code=0)
+    kube.logs["dicoo-export-runner"] = json.dumps(
+        {
+            "event": "completed",
+            "openvino": "/output/dicoo/openvino",
+            "images": 1,
+            "grid": "/output/dicoo/samples/grid.png",
+            "seconds_per_image": 1.5,
+        }
+    )
+    infj.reconcile("ns", "dicoo-export")
+    assert kube.status("InferenceJob", "dicoo-export")["phase"] == "Succeeded"
+    assert kube.status("InferenceJob", "dicoo-export")["secondsPerImage"] == 1.5
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Succeeded"
+    ready = [c for c in status["conditions"] if c["type"] == "Ready"][0]
+    assert ready["status"] == "True"
+    assert status["outputs"]["samples"] == "/output/dicoo/samples/grid.png"
+
+
+def test_missing_secret_blocks_without_creating_anything(world):
+    kube, clock, ftj, _ = world
+    kube.put(example(model={"name": "org/model", "tokenSecretRef": {"name": "hf-token"}}))
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Pending"
+    stalled = [c for c in status["conditions"] if c["type"] == "Stalled"][0]
+    assert stalled["reason"] == "SecretNotFound" and "hf-token" in stalled["message"]
+    assert kube.pods() == [] and ("ConfigMap", "ns", "dicoo-config") not in kube.objects
+    ftj.reconcile("ns", "dicoo")
+    assert kube.reasons() == ["SecretNotFound"]  # reported once, not on every pass
+    kube.put(
+        {
+            "kind": "Secret",
+            "metadata": {"name": "hf-token", "namespace": "ns"},
+            "data": {"token": "c2VjcmV0"},
+        }
+    )
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Running"
+    assert "c2VjcmV0" not in json.dumps(kube.events) + json.dumps(kube.status())
+
+
+def test_unschedulable_quotes_the_scheduler_and_times_out(world):
+    kube, clock, ftj, _ = world
+    kube.put(
+        example(workers={"nodes": 1, "resources": {"cpu": "4"}, "schedulingTimeoutSeconds": 60})
+    )
+    ftj.reconcile("ns", "dicoo")
+    message = "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+    kube.unschedulable("dicoo-worker-0", message)
+    clock.now = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
+    ftj.reconcile("ns", "dicoo")
+    workers_ready = [c for c in kube.status()["conditions"] if c["type"] == "WorkersReady"][0]
+    assert workers_ready["reason"] == "Unschedulable" and message in workers_ready["message"]
+    assert "Unschedulable" in kube.reasons()
+    clock.advance(60)
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Failed"
+    assert kube.pods() == []
+
+
+def test_suspend_deletes_workers_and_resume_recreates_them(world):
+    kube, clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    job = kube.objects[("FineTuneJob", "ns", "dicoo")]
+    job["spec"]["suspend"] = True
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Suspended" and kube.pods() == []
+    assert ("ConfigMap", "ns", "dicoo-config") in kube.objects
+    job["spec"]["suspend"] = False
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Running" and len(kube.pods()) == 2
+    assert kube.reasons()[-3:] == ["Suspended", "Resumed", "WorkersCreated"]
+
+
+def test_active_deadline_fails_the_job(world):
+    kube, clock, ftj, _ = world
+    kube.put(example(activeDeadlineSeconds=100))
+    ftj.reconcile("ns", "dicoo")
+    clock.advance(101)
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Failed"
+    assert kube.status()["message"].startswith("the job ran longer")
+    assert kube.pods() == []
