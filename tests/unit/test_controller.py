@@ -162,7 +162,7 @@ def world():
 
 
 def test_start_creates_shared_objects_and_one_pod_per_node(world):
-    kube, clock, ftj, _ = world
+    kube, _clock, ftj, _ = world
     kube.put(example())
     ftj.reconcile("ns", "dicoo")
     assert [p["metadata"]["name"] for p in kube.pods()] == ["dicoo-worker-0", "dicoo-worker-1"]
@@ -182,7 +182,7 @@ def test_start_creates_shared_objects_and_one_pod_per_node(world):
 
 
 def test_reconciling_again_creates_nothing_twice(world):
-    kube, clock, ftj, _ = world
+    kube, _clock, ftj, _ = world
     kube.put(example())
     ftj.reconcile("ns", "dicoo")
     creates = kube.creates
@@ -194,7 +194,7 @@ def test_reconciling_again_creates_nothing_twice(world):
 
 
 def test_progress_comes_from_rank_0_json_lines(world):
-    kube, clock, ftj, _ = world
+    kube, _clock, ftj, _ = world
     kube.put(example())
     ftj.reconcile("ns", "dicoo")
     for pod in kube.pods():
@@ -237,7 +237,7 @@ def test_progress_comes_from_rank_0_json_lines(world):
 
 
 def test_a_failed_worker_restarts_all_then_fails_after_backoff_limit(world):
-    kube, clock, ftj, _ = world
+    kube, _clock, ftj, _ = world
     kube.put(example(backoffLimit=1))
     ftj.reconcile("ns", "dicoo")
     kube.set_pod("dicoo-worker-1", "Failed", exit_code=137)
@@ -245,7 +245,7 @@ def test_a_failed_worker_restarts_all_then_fails_after_backoff_limit(world):
     ftj.reconcile("ns", "dicoo")
     assert kube.status()["restarts"] == 1
     assert "Restarting" in kube.reasons() and "WorkerFailed" in kube.reasons()
-    failed_event = [e for e in kube.events if e[2] == "WorkerFailed"][0]
+    failed_event = next(e for e in kube.events if e[2] == "WorkerFailed")
     assert "exited with code 137" in failed_event[3] and "connection reset" in failed_event[3]
     # the remaining worker was deleted with the failed one's attempt; new attempt created next
     ftj.reconcile("ns", "dicoo")
@@ -257,13 +257,13 @@ def test_a_failed_worker_restarts_all_then_fails_after_backoff_limit(world):
     ftj.reconcile("ns", "dicoo")
     status = kube.status()
     assert status["phase"] == "Failed"
-    stalled = [c for c in status["conditions"] if c["type"] == "Stalled"][0]
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
     assert kube.pods() == [p for p in kube.pods() if p["status"]["phase"] == "Failed"]
 
 
 def test_success_creates_the_inference_job_then_succeeds_with_it(world):
-    kube, clock, ftj, infj = world
+    kube, _clock, ftj, infj = world
     kube.put(example())
     ftj.reconcile("ns", "dicoo")
     kube.set_pod("dicoo-worker-0", "Succeeded", exit_code=0)
@@ -302,18 +302,18 @@ def test_success_creates_the_inference_job_then_succeeds_with_it(world):
     ftj.reconcile("ns", "dicoo")
     status = kube.status()
     assert status["phase"] == "Succeeded"
-    ready = [c for c in status["conditions"] if c["type"] == "Ready"][0]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
     assert status["outputs"]["samples"] == "/output/dicoo/samples/grid.png"
 
 
 def test_missing_secret_blocks_without_creating_anything(world):
-    kube, clock, ftj, _ = world
+    kube, _clock, ftj, _ = world
     kube.put(example(model={"name": "org/model", "tokenSecretRef": {"name": "hf-token"}}))
     ftj.reconcile("ns", "dicoo")
     status = kube.status()
     assert status["phase"] == "Pending"
-    stalled = [c for c in status["conditions"] if c["type"] == "Stalled"][0]
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert stalled["reason"] == "SecretNotFound" and "hf-token" in stalled["message"]
     assert kube.pods() == [] and ("ConfigMap", "ns", "dicoo-config") not in kube.objects
     ftj.reconcile("ns", "dicoo")
@@ -340,7 +340,7 @@ def test_unschedulable_quotes_the_scheduler_and_times_out(world):
     kube.unschedulable("dicoo-worker-0", message)
     clock.now = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
     ftj.reconcile("ns", "dicoo")
-    workers_ready = [c for c in kube.status()["conditions"] if c["type"] == "WorkersReady"][0]
+    workers_ready = next(c for c in kube.status()["conditions"] if c["type"] == "WorkersReady")
     assert workers_ready["reason"] == "Unschedulable" and message in workers_ready["message"]
     assert "Unschedulable" in kube.reasons()
     clock.advance(60)
@@ -350,7 +350,7 @@ def test_unschedulable_quotes_the_scheduler_and_times_out(world):
 
 
 def test_suspend_deletes_workers_and_resume_recreates_them(world):
-    kube, clock, ftj, _ = world
+    kube, _clock, ftj, _ = world
     kube.put(example())
     ftj.reconcile("ns", "dicoo")
     job = kube.objects[("FineTuneJob", "ns", "dicoo")]
