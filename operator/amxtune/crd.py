@@ -62,6 +62,9 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
                 node = {**options[0], **node}
             elif {o.get("type") for o in options} == {"string", "integer"}:
                 node[INT_OR_STRING] = True
+                # a pattern applies to the string form only, as in core types
+                string = next(o for o in options if o.get("type") == "string")
+                node.update({k: v for k, v in string.items() if k != "type"})
             else:
                 raise ValueError(f"cannot express anyOf {options} in a structural schema")
     if node.get(INT_OR_STRING):

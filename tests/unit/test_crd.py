@@ -56,6 +56,7 @@ def test_defaults_live_in_the_schema():
         "default": "4",
         "description": "CPU cores per worker pod (one per node).",
         "x-kubernetes-int-or-string": True,
+        "pattern": "^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$",
     }
 
 

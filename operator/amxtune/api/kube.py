@@ -9,8 +9,9 @@ from amxtune.api.base import ApiModel
 
 # A resource quantity as Kubernetes writes it ("56", "500m", "128Gi"): int-or-string in the
 # schema; amxtune.quantity parses it where the operator needs numbers.
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 Quantity = Annotated[
-    str | int,
+    Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)] | int,
     Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
 ]
 Name = Annotated[

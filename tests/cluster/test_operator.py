@@ -1,0 +1,351 @@
+"""The operator against a real control plane: CRDs, scheduling, restarts, export, GC.
+
+kwok plays the kubelet: worker pods run until a test annotates them to succeed or fail
+(tools/controlplane/kwok-stages.yaml). The operator runs as a real process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.controlplane import AMX_LABEL, ControlPlane, KubectlError
+from tests.support.operator import OperatorProcess, install_crds
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def crds(control_plane: ControlPlane) -> ControlPlane:
+    install_crds(control_plane)
+    return control_plane
+
+
+@pytest.fixture
+def operator(crds: ControlPlane, namespace: str):
+    process = OperatorProcess(crds, namespace).start()
+    yield process
+    process.stop()
+
+
+def volume(cp: ControlPlane, namespace: str, claim: str, make_claim: bool = True) -> None:
+    """A PersistentVolume pre-bound to `claim` (no provisioner here), and the claim."""
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-{claim}"[:63]},
+        "spec": {
+            "capacity": {"storage": "100Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": f"/tmp/amxtune-test-pv/{namespace}/{claim}"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+    cp.apply_yaml(json.dumps(pv))
+    if make_claim:
+        pvc = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+        cp.apply_yaml(json.dumps(pvc))
+
+
+def job(name: str = "dicoo", **spec_changes) -> dict:
+    doc = copy.deepcopy(EXAMPLE)
+    doc["metadata"]["name"] = name
+    doc["spec"]["model"] = {"name": "tiny"}
+    doc["spec"]["workers"] = {
+        "nodes": 3,
+        "ranksPerNode": 4,
+        "resources": {"cpu": "56", "memory": "64Gi"},
+    }
+    doc["spec"]["output"] = {"pvc": {"claimName": f"{name}-output", "create": {"size": "1Gi"}}}
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+def submit(cp: ControlPlane, namespace: str, doc: dict) -> None:
+    volume(cp, namespace, "concepts")
+    volume(cp, namespace, doc["spec"]["output"]["pvc"]["claimName"], make_claim=False)
+    cp.apply_yaml(yaml.safe_dump(doc), namespace=namespace)
+
+
+def status(cp: ControlPlane, namespace: str, name: str = "dicoo", kind: str = "ftj") -> dict:
+    found = cp.get(kind, name, namespace) or {}
+    return found.get("status") or {}
+
+
+def wait_phase(cp, namespace, phase, name="dicoo", kind="ftj", timeout=60) -> dict:
+    return cp.wait_for(
+        lambda: (s := status(cp, namespace, name, kind)).get("phase") == phase and s,
+        timeout=timeout,
+        what=f"{kind}/{name} phase {phase}",
+    )
+
+
+def worker_pods(cp: ControlPlane, namespace: str, job_name: str = "dicoo") -> list[dict]:
+    pods = cp.kubectl_json("get", "pods", "-n", namespace, "-l", f"amxtune.io/job={job_name}")
+    return sorted(pods["items"], key=lambda p: p["metadata"]["name"])
+
+
+def running_workers(cp, namespace, count, attempt="0", job_name="dicoo") -> list[dict]:
+    def ready():
+        pods = [
+            p
+            for p in worker_pods(cp, namespace, job_name)
+            if p["metadata"]["labels"].get("amxtune.io/attempt") == attempt
+            and p.get("status", {}).get("phase") == "Running"
+        ]
+        return pods if len(pods) == count else None
+
+    return cp.wait_for(ready, timeout=60, what=f"{count} running workers (attempt {attempt})")
+
+
+def simulate(cp: ControlPlane, namespace: str, pod: str, outcome: str, code: int = 0) -> None:
+    args = ["annotate", "pod", pod, "-n", namespace, f"amxtune.io/simulate={outcome}"]
+    if outcome == "fail":
+        args.append(f"amxtune.io/simulate-exit-code={code}")
+    cp.kubectl(*args, "--overwrite")
+
+
+def reasons(cp: ControlPlane, namespace: str, name: str = "dicoo", kind: str = "FineTuneJob"):
+    return [e["reason"] for e in cp.events_for(kind=kind, name=name, namespace=namespace)]
+
+
+def test_job_runs_on_amx_nodes_exports_and_becomes_ready(crds, operator, namespace):
+    cp = crds
+    submit(cp, namespace, job())
+    pods = running_workers(cp, namespace, 3)
+    amx_nodes = {
+        n["metadata"]["name"]
+        for n in cp.kubectl_json("get", "nodes", "-l", f"{AMX_LABEL}=true")["items"]
+    }
+    assert {p["spec"]["nodeName"] for p in pods} <= amx_nodes
+    assert len({p["spec"]["nodeName"] for p in pods}) == 3  # one worker per node
+    env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["OMP_NUM_THREADS"] == "13"  # 56 cores / 4 ranks - 1 oneCCL core
+    assert env["MASTER_ADDR"] == f"dicoo-worker-0.dicoo-workers.{namespace}.svc.cluster.local"
+    assert "libtcmalloc" in env["LD_PRELOAD"] and env["CCL_WORKER_COUNT"] == "1"
+    assert pods[0]["status"]["qosClass"] == "Guaranteed"
+    wait = cp.wait_for(
+        lambda: status(cp, namespace).get("workers", {}).get("display") == "3/3",
+        what="3/3 workers ready",
+    )
+    assert wait
+
+    for pod in pods:
+        simulate(cp, namespace, pod["metadata"]["name"], "succeed")
+    exporting = wait_phase(cp, namespace, "Exporting")
+    assert exporting["outputs"]["inferenceJob"] == "dicoo-export"
+    infj = cp.get("infj", "dicoo-export", namespace)
+    assert infj["metadata"]["ownerReferences"][0]["name"] == "dicoo"
+    assert infj["spec"]["prompts"] == EXAMPLE["spec"]["export"]["prompts"]
+    runner = cp.wait_for(lambda: cp.get("pod", "dicoo-export-runner", namespace), what="export pod")
+    assert runner["spec"]["containers"][0]["image"] == "amxtune-trainer:test"
+    simulate(cp, namespace, "dicoo-export-runner", "succeed")
+    cp.kubectl("wait", "--for=condition=Ready", "ftj/dicoo", "-n", namespace, "--timeout=60s")
+    final = status(cp, namespace)
+    assert final["phase"] == "Succeeded"
+    assert final["observedGeneration"] == 1
+    assert {"WorkersCreated", "ExportStarted", "Succeeded"} <= set(reasons(cp, namespace))
+    table = cp.kubectl("get", "ftj", "-n", namespace).stdout
+    assert "Succeeded" in table and "3/3" not in table.splitlines()[0]
+
+
+def test_worker_failure_restarts_then_fails_after_backoff_limit(crds, operator, namespace):
+    cp = crds
+    submit(cp, namespace, job(backoffLimit=1))
+    running_workers(cp, namespace, 3)
+    simulate(cp, namespace, "dicoo-worker-1", "fail", code=3)
+    cp.wait_for(lambda: status(cp, namespace).get("restarts") == 1, what="one restart")
+    running_workers(cp, namespace, 3, attempt="1")
+    simulate(cp, namespace, "dicoo-worker-2", "fail", code=137)
+    failed = wait_phase(cp, namespace, "Failed")
+    stalled = next(c for c in failed["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
+    assert "dicoo-worker-2 exited with code 137" in stalled["message"]
+    events = reasons(cp, namespace)
+    assert events.count("WorkerFailed") == 2 and events.count("Restarting") == 1
+    cp.wait_for(
+        lambda: all(
+            p["status"]["phase"] == "Failed" or p["metadata"].get("deletionTimestamp")
+            for p in worker_pods(cp, namespace)
+        ),
+        what="no worker left running",
+    )
+
+
+def test_no_amx_capacity_is_reported_then_times_out(crds, operator, namespace):
+    cp = crds
+    submit(
+        cp,
+        namespace,
+        job(
+            workers={
+                "nodes": 4,
+                "ranksPerNode": 4,
+                "resources": {"cpu": "56", "memory": "64Gi"},
+                "schedulingTimeoutSeconds": 15,
+            }
+        ),
+    )
+    cp.wait_for(
+        lambda: any(
+            c["type"] == "WorkersReady" and c["reason"] == "Unschedulable"
+            for c in status(cp, namespace).get("conditions", [])
+        ),
+        what="Unschedulable condition",
+    )
+    condition = next(c for c in status(cp, namespace)["conditions"] if c["type"] == "WorkersReady")
+    assert "node affinity" in condition["message"] or "didn't match" in condition["message"]
+    assert "Unschedulable" in reasons(cp, namespace)
+    failed = wait_phase(cp, namespace, "Failed", timeout=90)
+    assert "schedulingTimeoutSeconds=15" in failed["message"]
+
+
+def test_operator_restart_mid_job_creates_nothing_twice(crds, operator, namespace):
+    cp = crds
+    submit(cp, namespace, job())
+    running_workers(cp, namespace, 3)
+    before = {p["metadata"]["uid"] for p in worker_pods(cp, namespace)}
+    operator.kill()
+    operator.start()
+    cp.wait_for(
+        lambda: status(cp, namespace).get("workers", {}).get("display") == "3/3",
+        what="operator back and reporting",
+    )
+    for pod in worker_pods(cp, namespace):
+        simulate(cp, namespace, pod["metadata"]["name"], "succeed")
+    wait_phase(cp, namespace, "Exporting")
+    assert {p["metadata"]["uid"] for p in worker_pods(cp, namespace)} == before
+    events = reasons(cp, namespace)
+    assert events.count("WorkersCreated") == 1 and events.count("ExportStarted") == 1
+    assert len(cp.kubectl_json("get", "infj", "-n", namespace)["items"]) == 1
+
+
+def test_suspend_then_resume(crds, operator, namespace):
+    cp = crds
+    submit(cp, namespace, job())
+    running_workers(cp, namespace, 3)
+    cp.kubectl(
+        "patch", "ftj", "dicoo", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    wait_phase(cp, namespace, "Suspended")
+    cp.wait_for(lambda: not worker_pods(cp, namespace), what="workers deleted")
+    assert cp.get("configmap", "dicoo-config", namespace) is not None
+    cp.kubectl(
+        "patch", "ftj", "dicoo", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    running_workers(cp, namespace, 3)
+    assert status(cp, namespace)["phase"] == "Running"
+    assert {"Suspended", "Resumed"} <= set(reasons(cp, namespace))
+
+
+def test_delete_removes_children_and_keeps_the_output_volume(crds, operator, namespace):
+    cp = crds
+    submit(cp, namespace, job())
+    running_workers(cp, namespace, 3)
+    cp.delete("ftj", "dicoo", namespace)
+    cp.wait_for(
+        lambda: (
+            not worker_pods(cp, namespace)
+            and cp.get("service", "dicoo-workers", namespace) is None
+            and cp.get("configmap", "dicoo-config", namespace) is None
+        ),
+        timeout=60,
+        what="garbage collection of pods, service and config map",
+    )
+    assert cp.get("pvc", "dicoo-output", namespace) is not None
+
+
+def test_missing_secret_blocks_and_creates_no_pods(crds, operator, namespace):
+    cp = crds
+    doc = job()
+    doc["spec"]["model"] = {"name": "org/gated-model", "tokenSecretRef": {"name": "hf-token"}}
+    submit(cp, namespace, doc)
+    cp.wait_for(
+        lambda: any(
+            c["type"] == "Stalled" and c["status"] == "True"
+            for c in status(cp, namespace).get("conditions", [])
+        ),
+        what="Stalled condition",
+    )
+    stalled = next(c for c in status(cp, namespace)["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "SecretNotFound" and "hf-token" in stalled["message"]
+    assert worker_pods(cp, namespace) == []
+    cp.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "hf-token",
+        "-n",
+        namespace,
+        "--from-literal=token=hf_not_a_real_token",
+    )
+    running_workers(cp, namespace, 3)
+    assert "hf_not_a_real_token" not in operator.log()
+    assert "hf_not_a_real_token" not in json.dumps(
+        cp.events_for(kind="FineTuneJob", name="dicoo", namespace=namespace)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"workers": {"nodes": 0}}, "spec.workers.nodes"),
+        ({"model": {"name": "tiny", "pvc": {"claimName": "m"}}}, "set exactly one of name and pvc"),
+        ({"training": {"lrScheduler": "warp"}}, "spec.training.lrScheduler"),
+        ({"textualInversion": {"initializerToken": "toy"}}, "placeholderToken"),
+        ({"workers": {"resources": {"cpu": "lots"}}}, None),
+    ],
+)
+def test_invalid_manifests_are_rejected_by_the_apiserver(crds, namespace, change, expected):
+    doc = job()
+    doc["spec"].update(change)
+    with pytest.raises(KubectlError) as info:
+        crds.apply_yaml(yaml.safe_dump(doc), namespace=namespace)
+    if expected:
+        assert expected in info.value.stderr
+    assert crds.get("ftj", "dicoo", namespace) is None
+
+
+def test_training_options_cannot_change_once_started(crds, operator, namespace):
+    cp = crds
+    submit(cp, namespace, job())
+    running_workers(cp, namespace, 3)
+    with pytest.raises(KubectlError) as info:
+        cp.kubectl(
+            "patch",
+            "ftj",
+            "dicoo",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            '{"spec":{"training":{"maxTrainSteps":999}}}',
+        )
+    assert "spec.training cannot change once the job has started" in info.value.stderr
+    cp.kubectl(
+        "patch",
+        "ftj",
+        "dicoo",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"backoffLimit":5}}',
+    )  # run-control fields stay editable
