@@ -7,6 +7,7 @@ import os
 from pydantic import Field
 
 from amxtune.api.base import ApiModel
+from amxtune.api.finetunejob import AMX_LABELS
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/amxtune/amxtune-trainer:0.1.0"
 
@@ -18,17 +19,21 @@ class Settings(ApiModel):
     jemalloc_path: str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
     iomp5_path: str = "/opt/amxtune/venv/lib/libiomp5.so"
     cluster_domain: str = "cluster.local"
+    # Node Feature Discovery's labels unless the cluster marks AMX nodes otherwise.
+    amx_node_labels: list[str] = Field(default_factory=lambda: list(AMX_LABELS), min_length=1)
     # UID/GID of the non-root user in the trainer image; fsGroup makes the output volume writable.
     run_as_user: int = 1000
     progress_interval_seconds: float = Field(default=5.0, gt=0)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        """AMXTUNE_TRAINER_IMAGE, AMXTUNE_TCMALLOC_PATH, ... override the defaults."""
+        """AMXTUNE_<FIELD> variables override the defaults; lists are comma-separated."""
         environ = os.environ if environ is None else environ
         values = {}
         for name in cls.model_fields:
             key = f"AMXTUNE_{name.upper()}"
             if key in environ:
-                values[name] = environ[key]
+                raw = environ[key]
+                is_list = cls.model_fields[name].annotation == list[str]
+                values[name] = [v.strip() for v in raw.split(",") if v.strip()] if is_list else raw
         return cls.model_validate(values)

@@ -2,13 +2,14 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
+
 from amxtune.api.export import (
     ExportSpec,
     GenerationOptions,
     OpenVINOExportOptions,
     WeightFormat,
 )
-from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit
 

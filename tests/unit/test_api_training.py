@@ -1,6 +1,7 @@
 import pytest
-from amxtune.api import TrainerConfig, TrainingOptions
 from pydantic import ValidationError
+
+from amxtune.api import TrainerConfig, TrainingOptions
 
 pytestmark = pytest.mark.unit
 

@@ -47,10 +47,7 @@ def test_defaults_live_in_the_schema():
     ]["properties"]
     assert spec["training"]["default"] == {}
     assert spec["training"]["properties"]["maxTrainSteps"]["default"] == 5000
-    assert spec["workers"]["properties"]["amxNodeLabels"]["default"] == [
-        "feature.node.kubernetes.io/cpu-cpuid.AMXBF16",
-        "feature.node.kubernetes.io/cpu-cpuid.AMXTILE",
-    ]
+    assert "default" not in spec["workers"]["properties"]["amxNodeLabels"]  # operator setting
     assert spec["output"]["properties"]["pvc"]["default"] == {"create": {}}
     assert spec["workers"]["properties"]["resources"]["properties"]["cpu"] == {
         "default": "4",

@@ -83,10 +83,10 @@ class Workers(ApiModel):
     require_amx: bool = Field(
         default=True, description="Only schedule on nodes labelled with every amxNodeLabels key."
     )
-    amx_node_labels: list[str] = Field(
-        default_factory=lambda: list(AMX_LABELS), min_length=1,
-        description="Node labels (value 'true') that mark AMX nodes; Node Feature Discovery's "
-        "by default.",
+    amx_node_labels: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Node labels (value 'true') that mark AMX nodes; the operator's configured "
+        "keys when empty (Node Feature Discovery's AMXBF16 and AMXTILE by default).",
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)

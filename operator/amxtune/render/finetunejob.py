@@ -223,7 +223,7 @@ def render_output_claim(job: JobIdentity, spec: FineTuneJobSpec) -> dict | None:
     return claim
 
 
-def _affinity(job: JobIdentity, spec: FineTuneJobSpec) -> dict:
+def _affinity(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> dict:
     affinity: dict = {
         "podAntiAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": [
@@ -241,7 +241,7 @@ def _affinity(job: JobIdentity, spec: FineTuneJobSpec) -> dict:
                     {
                         "matchExpressions": [
                             {"key": key, "operator": "In", "values": ["true"]}
-                            for key in spec.workers.amx_node_labels
+                            for key in spec.workers.amx_node_labels or settings.amx_node_labels
                         ]
                     }
                 ]
@@ -286,7 +286,7 @@ def render_worker(
         "subdomain": names.service(job.name),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "affinity": _affinity(job, spec),
+        "affinity": _affinity(job, spec, settings),
         "securityContext": pod_security(settings),
         "containers": [
             {
