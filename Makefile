@@ -30,3 +30,4 @@ lint: install
 
 crds: install
 	$(VENV)/bin/amxtune crds --output crds
+	$(VENV)/bin/amxtune crds --output charts/amxtune/crds

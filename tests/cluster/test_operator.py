@@ -6,19 +6,26 @@ kwok plays the kubelet: worker pods run until a test annotates them to succeed o
 
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.support.controlplane import AMX_LABEL, ControlPlane, KubectlError
+from tests.support.jobs import (
+    EXAMPLE,
+    job,
+    reasons,
+    running_workers,
+    simulate,
+    status,
+    submit,
+    wait_phase,
+    worker_pods,
+)
 from tests.support.operator import OperatorProcess, install_crds
 
 pytestmark = pytest.mark.cluster
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -32,98 +39,6 @@ def operator(crds: ControlPlane, namespace: str):
     process = OperatorProcess(crds, namespace).start()
     yield process
     process.stop()
-
-
-def volume(cp: ControlPlane, namespace: str, claim: str, make_claim: bool = True) -> None:
-    """A PersistentVolume pre-bound to `claim` (no provisioner here), and the claim."""
-    pv = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{namespace}-{claim}"[:63]},
-        "spec": {
-            "capacity": {"storage": "100Gi"},
-            "accessModes": ["ReadWriteOnce"],
-            "storageClassName": "",
-            "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": f"/tmp/amxtune-test-pv/{namespace}/{claim}"},
-            "claimRef": {"namespace": namespace, "name": claim},
-        },
-    }
-    cp.apply_yaml(json.dumps(pv))
-    if make_claim:
-        pvc = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": namespace},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "storageClassName": "",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        }
-        cp.apply_yaml(json.dumps(pvc))
-
-
-def job(name: str = "dicoo", **spec_changes) -> dict:
-    doc = copy.deepcopy(EXAMPLE)
-    doc["metadata"]["name"] = name
-    doc["spec"]["model"] = {"name": "tiny"}
-    doc["spec"]["workers"] = {
-        "nodes": 3,
-        "ranksPerNode": 4,
-        "resources": {"cpu": "56", "memory": "64Gi"},
-    }
-    doc["spec"]["output"] = {"pvc": {"claimName": f"{name}-output", "create": {"size": "1Gi"}}}
-    doc["spec"].update(spec_changes)
-    return doc
-
-
-def submit(cp: ControlPlane, namespace: str, doc: dict) -> None:
-    volume(cp, namespace, "concepts")
-    volume(cp, namespace, doc["spec"]["output"]["pvc"]["claimName"], make_claim=False)
-    cp.apply_yaml(yaml.safe_dump(doc), namespace=namespace)
-
-
-def status(cp: ControlPlane, namespace: str, name: str = "dicoo", kind: str = "ftj") -> dict:
-    found = cp.get(kind, name, namespace) or {}
-    return found.get("status") or {}
-
-
-def wait_phase(cp, namespace, phase, name="dicoo", kind="ftj", timeout=60) -> dict:
-    return cp.wait_for(
-        lambda: (s := status(cp, namespace, name, kind)).get("phase") == phase and s,
-        timeout=timeout,
-        what=f"{kind}/{name} phase {phase}",
-    )
-
-
-def worker_pods(cp: ControlPlane, namespace: str, job_name: str = "dicoo") -> list[dict]:
-    pods = cp.kubectl_json("get", "pods", "-n", namespace, "-l", f"amxtune.io/job={job_name}")
-    return sorted(pods["items"], key=lambda p: p["metadata"]["name"])
-
-
-def running_workers(cp, namespace, count, attempt="0", job_name="dicoo") -> list[dict]:
-    def ready():
-        pods = [
-            p
-            for p in worker_pods(cp, namespace, job_name)
-            if p["metadata"]["labels"].get("amxtune.io/attempt") == attempt
-            and p.get("status", {}).get("phase") == "Running"
-        ]
-        return pods if len(pods) == count else None
-
-    return cp.wait_for(ready, timeout=60, what=f"{count} running workers (attempt {attempt})")
-
-
-def simulate(cp: ControlPlane, namespace: str, pod: str, outcome: str, code: int = 0) -> None:
-    args = ["annotate", "pod", pod, "-n", namespace, f"amxtune.io/simulate={outcome}"]
-    if outcome == "fail":
-        args.append(f"amxtune.io/simulate-exit-code={code}")
-    cp.kubectl(*args, "--overwrite")
-
-
-def reasons(cp: ControlPlane, namespace: str, name: str = "dicoo", kind: str = "FineTuneJob"):
-    return [e["reason"] for e in cp.events_for(kind=kind, name=name, namespace=namespace)]
 
 
 def test_job_runs_on_amx_nodes_exports_and_becomes_ready(crds, operator, namespace):

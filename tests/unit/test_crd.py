@@ -12,11 +12,12 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.parametrize("folder", ["crds", "charts/amxtune/crds"])
 @pytest.mark.parametrize("name", sorted(crd.render_all()))
-def test_crds_folder_is_up_to_date(name):
-    committed = ROOT / "crds" / name
-    assert committed.is_file(), f"crds/{name} is missing: run `make crds`"
-    assert committed.read_text() == crd.render_all()[name], f"crds/{name} is stale: run `make crds`"
+def test_crd_files_are_up_to_date(folder, name):
+    committed = ROOT / folder / name
+    assert committed.is_file(), f"{folder}/{name} is missing: run `make crds`"
+    assert committed.read_text() == crd.render_all()[name], f"{folder}/{name} is stale: `make crds`"
 
 
 def walk(schema: dict, path: str = ""):
