@@ -1,0 +1,68 @@
+"""Two ranks (torchrun, gloo, two local processes) and resume after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import BASE_ARGS, TOKEN, events, run_trainer, trainer_env
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.trainer
+
+
+def _embeds(out):
+    return load_file(str(out / "learned_embeds.safetensors"))[TOKEN]
+
+
+def test_two_ranks_end_with_identical_embeddings_and_report_allreduced_bytes(
+        tmp_path, tiny_model, concept_dir):
+    out = tmp_path / "out"
+    result = run_trainer([
+        *BASE_ARGS, "--train-data-dir", str(concept_dir), "--output-dir", str(out),
+        "--max-train-steps", "6", "--learning-rate", "0.05", "--seed", "5", "--num-vectors", "3",
+        "--distributed-backend", "gloo",
+    ], ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
+    digests = metrics["rank_embedding_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # Only the new vectors' gradient (3 x 32 fp32) plus the loss crosses between ranks.
+    assert metrics["allreduce_bytes_per_step"] == (3 * 32 + 1) * 4
+    # Only rank 0 reports progress: one line per step, not two.
+    steps = [e["step"] for e in events(result.stdout) if e["event"] == "progress"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert _embeds(out).shape == (3, 32)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, concept_dir):
+    common = [
+        *BASE_ARGS, "--train-data-dir", str(concept_dir), "--max-train-steps", "8",
+        "--learning-rate", "0.05", "--seed", "11", "--checkpointing-steps", "4",
+        "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--random-flip",
+        "--train-batch-size", "2", "--resume-from-checkpoint", "latest",
+    ]
+    whole = tmp_path / "whole"
+    assert run_trainer([*common, "--output-dir", str(whole)]).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    crashed = run_trainer([*common, "--output-dir", str(resumed)],
+                          env=trainer_env(AMXTUNE_TEST_CRASH_AFTER_STEP="5"))
+    assert crashed.returncode != 0
+    assert (resumed / "checkpoints" / "checkpoint-4").is_dir()
+    assert not (resumed / "learned_embeds.safetensors").exists()
+    again = run_trainer([*common, "--output-dir", str(resumed)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr and "at step 4" in again.stderr
+    first = next(e for e in events(again.stdout) if e["event"] == "progress")
+    assert first["step"] == 5
+    torch.testing.assert_close(_embeds(resumed), _embeds(whole), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(_embeds(resumed), load_file(
+        str(resumed / "checkpoints" / "checkpoint-4" / "learned_embeds.safetensors"))[TOKEN])
+    whole_m = json.loads((whole / "metrics.json").read_text())
+    resumed_m = json.loads((resumed / "metrics.json").read_text())
+    assert resumed_m["resumed_from_step"] == 4
+    assert [h["step"] for h in resumed_m["history"]] == list(range(1, 9))
+    assert resumed_m["final_loss"] == pytest.approx(whole_m["final_loss"], rel=1e-5)

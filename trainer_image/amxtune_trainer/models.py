@@ -1,0 +1,166 @@
+"""Base-model resolution and loading: a hub id, a local diffusers folder, or a built-in name.
+
+`resolve_model_path` turns what the user wrote into a local diffusers folder (building a
+built-in model or downloading/looking up the hub cache; `HF_HUB_OFFLINE=1` is honoured by
+huggingface_hub); every failure is a one-line UserError, not a stack trace. `load_pipeline` and
+`load_components` load from that folder. Other subcommands (export, generate) use these too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amxtune_trainer.errors import UserError
+
+# Sub-folders a Stable Diffusion pipeline needs (hub downloads fetch only these).
+PIPELINE_PATTERNS = [
+    "model_index.json",
+    "scheduler/*",
+    "tokenizer/*",
+    "text_encoder/*.json",
+    "text_encoder/*.safetensors",
+    "unet/*.json",
+    "unet/*.safetensors",
+    "vae/*.json",
+    "vae/*.safetensors",
+    "feature_extractor/*",
+]
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else that is not a folder is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
+    """Return a local diffusers pipeline folder for a built-in name, a folder or a hub id."""
+    from amxtune_trainer.builtin.models import BUILTINS, ensure_builtin_model
+
+    if name_or_path in BUILTINS:
+        return ensure_builtin_model(name_or_path)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            raise UserError(
+                f"model folder {local} is not a diffusers pipeline (no model_index.json)"
+            )
+        return local.resolve()
+    if local.exists():
+        raise UserError(f"model {name_or_path} is a file; expected a diffusers pipeline folder")
+    if _looks_like_path(name_or_path):
+        raise UserError(f"model folder {name_or_path} does not exist")
+    return _download(name_or_path, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=PIPELINE_PATTERNS)
+        )
+    except HFValidationError:
+        raise UserError(
+            f"model {repo_id!r} is neither a built-in model (tiny, sd15-arch), an existing "
+            "folder, nor a valid hub id"
+        ) from None
+    except GatedRepoError:
+        raise UserError(
+            f"model {repo_id} is gated: accept its licence and provide a token (HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(f"model {repo_id} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"model {repo_id} not found on the hub (or private: provide HF_TOKEN)"
+        ) from None
+    except LocalEntryNotFoundError:
+        where = "HF_HUB_OFFLINE=1 and it is not in the hub cache" if offline else (
+            "the hub is unreachable and it is not in the cache"
+        )
+        raise UserError(f"model {repo_id} cannot be loaded: {where}") from None
+    except OSError as error:
+        raise UserError(f"model {repo_id} cannot be downloaded: {error}") from None
+    except Exception as error:  # HTTP errors and the like: one line, not a traceback
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"model {repo_id} cannot be downloaded: {first}") from None
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"model {repo_id} is not a diffusers pipeline (no model_index.json)")
+    return folder
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion pipeline the trainer uses."""
+
+    path: Path
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+def _load_error(path: Path, part: str, error: Exception) -> UserError:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return UserError(f"cannot load the {part} of model {path}: {first}")
+
+
+def load_tokenizer(path: Path):
+    from transformers import CLIPTokenizer
+
+    try:
+        # transformers 5: from_pretrained(folder) is the reliable way (see DESIGN.md).
+        return CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
+    except Exception as error:
+        raise _load_error(path, "tokenizer", error) from None
+
+
+def load_components(path: Path) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet (fp32, frozen, eval) and the DDPM scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = load_tokenizer(path)
+    parts: dict[str, Any] = {}
+    loaders = {
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(str(path / "text_encoder")),
+        "vae": lambda: AutoencoderKL.from_pretrained(str(path), subfolder="vae"),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(str(path), subfolder="unet"),
+        "noise_scheduler": lambda: DDPMScheduler.from_pretrained(str(path), subfolder="scheduler"),
+    }
+    for part, loader in loaders.items():
+        try:
+            parts[part] = loader()
+        except Exception as error:
+            raise _load_error(path, part.replace("_", " "), error) from None
+    for part in ("text_encoder", "vae", "unet"):
+        module = parts[part]
+        module.requires_grad_(False)
+        module.eval()
+    return Components(path=path, tokenizer=tokenizer, **parts)
+
+
+def load_pipeline(model: str | Path, revision: str | None = None, torch_dtype=None):
+    """A StableDiffusionPipeline from a built-in name, folder or hub id (no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model_path(str(model), revision)
+    kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+    except Exception as error:
+        raise _load_error(path, "pipeline", error) from None

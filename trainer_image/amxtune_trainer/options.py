@@ -1,0 +1,188 @@
+"""Command-line flags derived from the shared option models, and config-file loading.
+
+The trainer's options are defined once, in `amxtune.api.training` (pydantic). Every field of
+`TrainerConfig` and of its sections becomes a flag spelled with dashes (`--max-train-steps`) and
+also with underscores (`--max_train_steps`, the diffusers script's spelling), so that commands
+written for the reference script keep working. `--config FILE` loads a JSON or YAML file (the
+ConfigMap the operator mounts; camelCase or snake_case keys); flags given on the command line
+override it. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_snake
+
+from amxtune.api.training import (
+    TextualInversionOptions,
+    TrainerConfig,
+    TrainerRuntimeOptions,
+    TrainingOptions,
+)
+from amxtune_trainer.errors import UserError
+
+# Section name in TrainerConfig -> its model; "" is the top level.
+SECTIONS: dict[str, type[BaseModel]] = {
+    "": TrainerConfig,
+    "textual_inversion": TextualInversionOptions,
+    "training": TrainingOptions,
+    "runtime": TrainerRuntimeOptions,
+}
+# Extra spellings: flag -> field (the reference script's and our short names).
+EXTRA_FLAGS = {"pretrained_model_name_or_path": ["--model"]}
+# Flags of the diffusers script that have no effect here; accepted so its commands still run.
+IGNORED_REFERENCE_FLAGS = {
+    "dataloader_num_workers": 1,
+    "report_to": 1,
+    "logging_dir": 1,
+    "local_rank": 1,
+    "no_safe_serialization": 0,
+    "enable_xformers_memory_efficient_attention": 0,
+    "gradient_checkpointing": 0,
+    "allow_tf32": 0,
+}
+DEST_SEP = "__"
+
+
+def _flag_names(name: str) -> list[str]:
+    dashed, underscored = f"--{name.replace('_', '-')}", f"--{name}"
+    return [dashed] if dashed == underscored else [dashed, underscored]
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap_optional(args[0])
+    if origin is typing.Annotated:
+        return _unwrap_optional(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _add_field(group, section: str, name: str, field) -> None:
+    annotation = _unwrap_optional(field.annotation)
+    dest = f"{section}{DEST_SEP}{name}" if section else name
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
+    help_text = (field.description or "").replace("%", "%%")
+    default = field.get_default(call_default_factory=True)
+    if default is not None and default is not ... and not field.is_required():
+        shown = default.value if isinstance(default, enum.Enum) else default
+        help_text = f"{help_text} (default: {shown})".strip()
+    elif field.is_required():
+        help_text = f"{help_text} (required)".strip()
+    kwargs["help"] = help_text
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        kwargs["choices"] = [m.value for m in annotation]
+    elif typing.get_origin(annotation) is list:
+        kwargs["nargs"] = "+"
+        kwargs["metavar"] = "VALUE"
+    elif annotation in (int, float):
+        kwargs["type"] = annotation
+        kwargs["metavar"] = annotation.__name__.upper()
+    else:
+        kwargs["metavar"] = "TEXT"
+    flags = _flag_names(name) + EXTRA_FLAGS.get(name, [])
+    group.add_argument(*flags, **kwargs)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add --config and one flag per option field (dash and underscore spellings)."""
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="JSON or YAML file with the options (camelCase or snake_case); flags override it",
+    )
+    for section, model in SECTIONS.items():
+        title = f"{section.replace('_', ' ')} options" if section else "model, data and output"
+        group = parser.add_argument_group(title, (model.__doc__ or "").strip().splitlines()[0])
+        for name, field in model.model_fields.items():
+            if name in SECTIONS:
+                continue
+            _add_field(group, section, name, field)
+    compat = parser.add_argument_group("compatibility with the diffusers script")
+    compat.add_argument(
+        *_flag_names("only_save_embeds"), dest="only_save_embeds", action="store_true",
+        default=argparse.SUPPRESS, help="do not save the full pipeline (our default already)",
+    )
+    for name, nargs in IGNORED_REFERENCE_FLAGS.items():
+        compat.add_argument(
+            *_flag_names(name), dest=f"ignored{DEST_SEP}{name}", default=argparse.SUPPRESS,
+            action="store_true" if nargs == 0 else "store", help=argparse.SUPPRESS,
+        )
+
+
+def _snake_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {to_snake(str(k)): _snake_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snake_keys(v) for v in value]
+    return value
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Read a JSON or YAML config into a snake_case dict (UserError when unreadable)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (ValueError, ImportError) as error:
+        raise UserError(f"config file {path} is not valid JSON/YAML: {error}") from None
+    except Exception as error:  # yaml.YAMLError
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"config file {path} is not valid JSON/YAML: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of options")
+    return _snake_keys(data)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        names = [to_snake(str(p)) for p in item["loc"]]
+        loc = ".".join(names) or "config"
+        flag = f" (--{names[-1].replace('_', '-')})" if names and names[-1] != "config" else ""
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}{flag}: {message}")
+    return "invalid options: " + "; ".join(parts)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainerConfig:
+    """Merge --config FILE and flags into a validated TrainerConfig (UserError if invalid)."""
+    data: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for dest, value in vars(args).items():
+        if dest in ("command", "config") or dest.startswith(f"ignored{DEST_SEP}"):
+            continue
+        if dest == "only_save_embeds":
+            data.setdefault("training", {})["save_as_full_pipeline"] = False
+            continue
+        if DEST_SEP in dest:
+            section, name = dest.split(DEST_SEP, 1)
+            if not isinstance(data.get(section), dict):
+                data[section] = {}
+            data[section][name] = value
+        elif dest in TrainerConfig.model_fields:
+            data[dest] = value
+    try:
+        return TrainerConfig.model_validate(data)
+    except ValidationError as error:
+        raise UserError(format_validation_error(error)) from None

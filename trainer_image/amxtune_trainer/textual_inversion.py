@@ -1,0 +1,562 @@
+"""`amxtune-train textual-inversion`: learn a new token's embedding, on one rank or many.
+
+How a step is made cheap (see docs/performance.md):
+- only the new vectors are a parameter (embedding.SplicedEmbedding); frozen networks are in
+  eval mode with requires_grad off, so the backward computes input gradients only;
+- the VAE runs once per image and flip variant at start; its latent distribution (mean, std)
+  is kept and sampled per step as the reference script does after encoding every step;
+- bf16: the frozen UNet/VAE/text encoder weights are stored in bfloat16 (oneDNN uses AMX) and
+  run under CPU autocast; channels_last for the UNet; PyTorch SDPA attention;
+- ranks all-reduce only the vectors' gradient (and the loss) once per optimizer step.
+
+Every random draw of a step (images, templates, flips, timesteps, noise) derives from
+(seed, step, micro-batch, rank), so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from amxtune_trainer import options
+from amxtune_trainer.errors import UserError
+
+# Test hook: raise after this step's checkpoint to simulate a killed worker.
+CRASH_ENV = "AMXTUNE_TEST_CRASH_AFTER_STEP"
+EVAL_SEED = 20240607
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    options.configure_parser(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = options.config_from_args(args)
+    return train(config)
+
+
+def train(config) -> int:
+    """Train as one rank of a (possibly one-rank) job; returns the exit code."""
+    from amxtune_trainer import distributed
+
+    start = time.perf_counter()
+    info = distributed.detect()
+    distributed.pin_cores(info)
+    distributed.init(info, config.runtime.distributed_backend)
+    try:
+        trainer = Trainer(config, info)
+        trainer.prepare()
+        trainer.fit()
+        trainer.finish(start)
+    finally:
+        distributed.shutdown(info)
+    return 0
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class Trainer:
+    """One rank's training state. `prepare()` validates inputs and builds everything."""
+
+    def __init__(self, config, info):
+        self.config = config
+        self.info = info
+        self.ti = config.textual_inversion
+        self.opt = config.training
+        self.rt = config.runtime
+        self.output_dir = Path(config.output_dir).expanduser()
+        self.allreduce = None
+        self.history: list[dict] = []
+        self.eval_points: list[dict] = []
+        self.step_seconds: list[float] = []
+        self.start_step = 0
+        self.step = 0
+        self._prompt_ids: dict[str, object] = {}
+        self._perm_epoch = -1
+        self._perm = None
+
+    # ------------------------------------------------------------------ validation and setup
+    def _validate(self):
+        """Check data (rank 0), model and tokens (every rank) before anything is written."""
+        from amxtune_trainer import data as data_mod
+        from amxtune_trainer import embedding, models
+        from amxtune_trainer.checkpoints import find_resume_checkpoint
+        from amxtune_trainer.distributed import all_gather_object
+
+        error = None
+        concept = components = resume = None
+        new_ids: list[int] = []
+        init_vectors = None
+        try:
+            if self.rt.accelerator == "ipex":
+                try:
+                    import intel_extension_for_pytorch  # noqa: F401
+                except Exception as exc:
+                    reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                    raise UserError(
+                        f"accelerator 'ipex' asked for but intel_extension_for_pytorch cannot "
+                        f"be imported ({reason}); use accelerator 'none'"
+                    ) from None
+            if self.info.is_main:
+                concept = data_mod.load_concept(
+                    self.config.train_data_dir, self.opt.resolution, self.opt.center_crop,
+                    self.opt.image_extensions, self.opt.use_captions,
+                )
+                resume = find_resume_checkpoint(self.opt.resume_from_checkpoint, self.output_dir)
+            path = models.resolve_model_path(
+                self.config.pretrained_model_name_or_path, self.config.revision
+            )
+            components = models.load_components(path)
+            tokenizer = components.tokenizer
+            init_ids = None
+            if not self.ti.initial_embedding:
+                init_ids = embedding.initializer_ids(tokenizer, self.ti.initializer_token)
+            new_ids = embedding.add_placeholder_tokens(
+                tokenizer, self.ti.placeholder_token, self.ti.num_vectors
+            )
+            weight = components.text_encoder.get_input_embeddings().weight
+            if self.ti.initial_embedding:
+                init_vectors = embedding.read_embedding_file(
+                    self.ti.initial_embedding, self.ti.num_vectors, weight.shape[1]
+                )
+            else:
+                init_vectors = embedding.initial_vectors(weight, init_ids, self.ti.num_vectors)
+        except UserError as exc:
+            error = str(exc)
+        errors = [e for e in all_gather_object(self.info, error) if e]
+        if errors:
+            raise UserError(errors[0])
+        return concept, components, resume, new_ids, init_vectors
+
+    def prepare(self) -> None:
+        import torch
+
+        from amxtune_trainer import distributed, embedding
+        from amxtune_trainer.checkpoints import load_state
+
+        concept, comps, resume, new_ids, init_vectors = self._validate()
+        if self.info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.components = comps
+        self.model_path = comps.path
+        self.tokenizer = comps.tokenizer
+        self.noise_scheduler = comps.noise_scheduler
+        self.bf16 = self.opt.mixed_precision == "bf16"
+        self.weight_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.token_text = embedding.token_text(self.ti.placeholder_token, self.ti.num_vectors)
+        from amxtune_trainer.data import templates_for
+
+        self.templates = templates_for(self.ti.learnable_property)
+
+        # Frozen networks: eval, no grad, weights in the compute dtype, UNet channels_last.
+        self.unet = comps.unet.to(dtype=self.weight_dtype)
+        if self.rt.channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self.text_encoder = comps.text_encoder.to(dtype=self.weight_dtype)
+        self.vae = comps.vae.to(dtype=self.weight_dtype) if self.info.is_main else None
+        if not self.info.is_main:
+            comps.vae = None
+        if self.rt.accelerator == "ipex":
+            import intel_extension_for_pytorch as ipex
+
+            self.unet = ipex.optimize(self.unet, dtype=self.weight_dtype, inplace=True)
+            self.text_encoder = ipex.optimize(
+                self.text_encoder, dtype=self.weight_dtype, inplace=True
+            )
+        self.unet_forward = self.unet
+        if self.rt.torch_compile:
+            self.unet_forward = torch.compile(self.unet)
+
+        # Resume state (rank 0 reads it, everyone receives it).
+        state = load_state(resume) if (self.info.is_main and resume is not None) else None
+        state = distributed.broadcast_object(self.info, state)
+        if state is not None:
+            init_vectors = state["vectors"]
+        seed = self.opt.seed
+        if seed is None:
+            seed = random.SystemRandom().randrange(1 << 31)
+        self.seed = int(distributed.broadcast_object(
+            self.info, state["seed"] if state is not None else seed
+        ))
+        torch.manual_seed(_seed_for(self.seed, self.info.rank))
+
+        self.embedding = embedding.splice(self.text_encoder, new_ids, init_vectors)
+        self.vectors = self.embedding.vectors
+
+        self._prepare_latents(concept)
+
+        world = self.info.world_size
+        lr = self.opt.learning_rate
+        if self.opt.scale_lr:
+            lr *= self.opt.gradient_accumulation_steps * self.opt.train_batch_size * world
+        self.lr = lr
+        self.optimizer = torch.optim.AdamW(
+            [self.vectors], lr=lr, betas=(self.opt.adam_beta1, self.opt.adam_beta2),
+            weight_decay=self.opt.adam_weight_decay, eps=self.opt.adam_epsilon,
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            self.opt.lr_scheduler, optimizer=self.optimizer,
+            num_warmup_steps=self.opt.lr_warmup_steps,
+            num_training_steps=self.opt.max_train_steps, num_cycles=self.opt.lr_num_cycles,
+        )
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.start_step = int(state["step"])
+            self.history = list(state.get("history", []))
+            self.eval_points = list(state.get("eval_points", []))
+            if state.get("torch_rng") is not None:
+                torch.set_rng_state(state["torch_rng"][min(self.info.rank,
+                                                           len(state["torch_rng"]) - 1)])
+            if self.info.is_main:
+                print(f"resuming from {resume} at step {self.start_step}", file=sys.stderr)
+        self.step = self.start_step
+        self.allreduce = distributed.GradientSync(self.info)
+        self.samples_per_step = (
+            self.opt.train_batch_size * self.opt.gradient_accumulation_steps * world
+        )
+
+    def _prepare_latents(self, concept) -> None:
+        """Rank 0 encodes each image (and its flip) once; the latent distribution is broadcast."""
+        import torch
+
+        from amxtune_trainer import distributed
+
+        header = None
+        if self.info.is_main:
+            pixels = torch.stack([torch.from_numpy(p) for p in concept.pixels])
+            variants = [pixels] + ([torch.flip(pixels, dims=[3])] if self.opt.random_flip else [])
+            means, stds = [], []
+            with torch.no_grad(), self._autocast():
+                for variant in variants:
+                    for chunk in variant.split(4):
+                        dist = self.vae.encode(chunk.to(self.weight_dtype)).latent_dist
+                        means.append(dist.mean.float())
+                        stds.append(dist.std.float())
+            n = pixels.shape[0]
+            self.latent_mean = torch.cat(means).view(len(variants), n, *means[0].shape[1:])
+            self.latent_std = torch.cat(stds).view_as(self.latent_mean)
+            self.captions = concept.captions
+            header = (tuple(self.latent_mean.shape), self.captions)
+            self.vae_scale = float(self.vae.config.scaling_factor)
+        shape, captions = distributed.broadcast_object(self.info, header)
+        if not self.info.is_main:
+            self.latent_mean = torch.empty(shape)
+            self.latent_std = torch.empty(shape)
+            self.captions = captions
+        distributed.broadcast_tensor(self.info, self.latent_mean)
+        distributed.broadcast_tensor(self.info, self.latent_std)
+        self.vae_scale = float(distributed.broadcast_object(
+            self.info, getattr(self, "vae_scale", None)
+        ))
+        self.num_images = shape[1]
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        import torch
+
+        if self.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _ids(self, prompts: list[str]):
+        import torch
+
+        missing = [p for p in prompts if p not in self._prompt_ids]
+        if missing:
+            tokens = self.tokenizer(
+                missing, padding="max_length", truncation=True,
+                max_length=self.tokenizer.model_max_length, return_tensors="pt",
+            ).input_ids
+            for prompt, ids in zip(missing, tokens, strict=True):
+                self._prompt_ids[prompt] = ids
+        return torch.stack([self._prompt_ids[p] for p in prompts])
+
+    def _image_indices(self, step: int, micro: int) -> list[int]:
+        """A DistributedSampler-like walk over shuffled epochs of images x repeats."""
+        import torch
+
+        batch, world = self.opt.train_batch_size, self.info.world_size
+        length = self.num_images * self.opt.repeats
+        first = ((step - 1) * self.opt.gradient_accumulation_steps + micro) * batch * world
+        first += self.info.rank * batch
+        out = []
+        for position in range(first, first + batch):
+            epoch = position // length
+            if epoch != self._perm_epoch:
+                generator = torch.Generator().manual_seed(_seed_for(self.seed, "epoch", epoch))
+                self._perm = torch.randperm(length, generator=generator)
+                self._perm_epoch = epoch
+            out.append(int(self._perm[position % length]) % self.num_images)
+        return out
+
+    def make_batch(self, step: int, micro: int) -> dict:
+        import torch
+
+        from amxtune_trainer.data import make_prompt
+
+        seed = _seed_for(self.seed, step, micro, self.info.rank)
+        generator = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        indices = self._image_indices(step, micro)
+        batch = len(indices)
+        variants = [
+            rng.randrange(self.latent_mean.shape[0]) if self.opt.random_flip else 0
+            for _ in indices
+        ]
+        prompts = [make_prompt(i, self.captions, self.templates, self.token_text, rng)
+                   for i in indices]
+        mean = self.latent_mean[variants, indices]
+        std = self.latent_std[variants, indices]
+        sample = torch.randn(mean.shape, generator=generator)
+        latents = (mean + std * sample) * self.vae_scale
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=generator)
+        return {"latents": latents, "noise": noise, "timesteps": timesteps,
+                "ids": self._ids(prompts)}
+
+    def loss(self, batch: dict):
+        import torch
+        import torch.nn.functional as F
+
+        latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        noisy = noisy.to(self.weight_dtype)
+        if self.rt.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            hidden = self.text_encoder(batch["ids"])[0].to(self.weight_dtype)
+            pred = self.unet_forward(noisy, timesteps, hidden, return_dict=False)[0]
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+    def train_step(self, step: int) -> float:
+        """One optimizer step (with accumulation); returns the loss averaged over ranks."""
+        accum = self.opt.gradient_accumulation_steps
+        self.optimizer.zero_grad(set_to_none=False)
+        local = 0.0
+        for micro in range(accum):
+            loss = self.loss(self.make_batch(step, micro))
+            (loss / accum).backward()
+            local += float(loss.detach()) / accum
+        if self.vectors.grad is None:  # cannot happen unless the prompt lost the token
+            raise RuntimeError("the placeholder token received no gradient")
+        mean_loss = self.allreduce(self.vectors.grad, local)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return mean_loss
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_loss(self) -> float | None:
+        """Loss on the fixed evaluation set (same for every run, seed, rank count)."""
+        import torch
+
+        count = self.opt.eval_samples
+        if count == 0:
+            return None
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        indices = [j % self.num_images for j in range(count)]
+        latents = self.latent_mean[0, indices] * self.vae_scale
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (count,), generator=generator)
+        from amxtune_trainer.data import caption_prompt
+
+        prompts = [
+            caption_prompt(self.captions[i], self.token_text) if self.captions[i] is not None
+            else self.templates[0].format(self.token_text)
+            for i in indices
+        ]
+        ids = self._ids(prompts)
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, count, 4):
+                part = slice(start, start + 4)
+                batch = {"latents": latents[part], "noise": noise[part],
+                         "timesteps": timesteps[part], "ids": ids[part]}
+                total += float(self.loss(batch)) * latents[part].shape[0]
+        return total / count
+
+    # ------------------------------------------------------------------ loop and outputs
+    def fit(self) -> None:
+        from amxtune_trainer.progress import Progress
+
+        main = self.info.is_main
+        if main and self.start_step == 0 and not self.eval_points:
+            value = self.eval_loss()
+            if value is not None:
+                self.eval_points.append({"step": 0, "loss": value})
+        progress = Progress(main, self.opt.max_train_steps, self.start_step,
+                            self.samples_per_step, self.opt.logging_steps)
+        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        try:
+            for step in range(self.start_step + 1, self.opt.max_train_steps + 1):
+                began = time.perf_counter()
+                loss = self.train_step(step)
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"loss became {loss} at step {step}")
+                self.step_seconds.append(time.perf_counter() - began)
+                lr = float(self.lr_scheduler.get_last_lr()[0])
+                self.step = step
+                self.history.append({"step": step, "loss": loss, "lr": lr})
+                progress.step(step, loss, lr)
+                if main:
+                    self._periodic_outputs(step)
+                if crash_after and step == crash_after:
+                    raise SystemExit(f"simulated crash after step {step} ({CRASH_ENV})")
+        finally:
+            progress.close()
+        if main and (not self.eval_points or self.eval_points[-1]["step"] != self.step):
+            value = self.eval_loss()
+            if value is not None:
+                self.eval_points.append({"step": self.step, "loss": value})
+
+    def _periodic_outputs(self, step: int) -> None:
+        from amxtune_trainer import outputs
+        from amxtune_trainer.checkpoints import save_checkpoint
+
+        if step % self.opt.save_steps == 0 and step != self.opt.max_train_steps:
+            outputs.write_embeds(
+                self.output_dir / f"learned_embeds-steps-{step}.safetensors",
+                self.ti.placeholder_token, self.vectors,
+            )
+        if step % self.opt.checkpointing_steps == 0:
+            save_checkpoint(
+                self.output_dir, step, self.state_dict(),
+                lambda path: outputs.write_embeds(path, self.ti.placeholder_token, self.vectors),
+                self.opt.checkpoints_total_limit,
+            )
+        if self.opt.validation_prompt and step % self.opt.validation_steps == 0:
+            self.validate(step)
+
+    def state_dict(self) -> dict:
+        import torch
+
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "vectors": self.vectors.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "torch_rng": [torch.get_rng_state()],
+            "history": list(self.history),
+            "eval_points": list(self.eval_points),
+            "placeholder_token": self.ti.placeholder_token,
+            "num_vectors": self.ti.num_vectors,
+        }
+
+    def validate(self, step: int) -> list[Path]:
+        """Render the validation prompt with the current embedding (rank 0)."""
+        import torch
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        from amxtune_trainer import outputs
+
+        pipeline = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            unet=self.unet, scheduler=DPMSolverMultistepScheduler.from_config(
+                self.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        generator = torch.Generator().manual_seed(self.seed)
+        prompt = self.opt.validation_prompt.replace(
+            self.ti.placeholder_token, self.token_text
+        ) if self.ti.num_vectors > 1 else self.opt.validation_prompt
+        images = []
+        with torch.no_grad(), self._autocast():
+            for _ in range(self.opt.num_validation_images):
+                result = pipeline(
+                    prompt, num_inference_steps=self.opt.validation_inference_steps,
+                    generator=generator, height=self.opt.resolution, width=self.opt.resolution,
+                )
+                images.append(result.images[0])
+        folder = self.output_dir / outputs.VALIDATION_DIR / f"step-{step}"
+        paths = [outputs.write_png(folder / f"image-{i}.png", im) for i, im in enumerate(images)]
+        paths.append(outputs.write_png(folder / "grid.png", outputs.image_grid(images)))
+        return paths
+
+    def finish(self, started: float) -> None:
+        """Final outputs (rank 0) and the completed event; checks every rank agrees."""
+        from amxtune_trainer import outputs
+        from amxtune_trainer.distributed import all_gather_object
+        from amxtune_trainer.progress import emit
+
+        digest = hashlib.sha256(
+            self.vectors.detach().float().contiguous().numpy().tobytes()
+        ).hexdigest()
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        gathered = all_gather_object(self.info, (digest, rss_mb, self.step_seconds))
+        if not self.info.is_main:
+            return
+        digests = [g[0] for g in gathered]
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks ended with different embeddings: {digests}")
+        placeholder = self.ti.placeholder_token
+        embeds = outputs.write_embeds(
+            self.output_dir / outputs.EMBEDS_FILE, placeholder, self.vectors
+        )
+        if self.opt.save_a1111:
+            outputs.write_a1111(self.output_dir / outputs.A1111_FILE, placeholder,
+                                self.vectors, self.step)
+        if self.opt.validation_prompt and self.step % self.opt.validation_steps != 0:
+            self.validate(self.step)
+        if self.opt.save_as_full_pipeline:
+            outputs.save_full_pipeline(
+                self.model_path, self.output_dir / outputs.PIPELINE_DIR, embeds, placeholder
+            )
+        steady = self.step_seconds[1:] or self.step_seconds
+        median = statistics.median(steady) if steady else None
+        wall = time.perf_counter() - started
+        final_loss = self.history[-1]["loss"] if self.history else float("nan")
+        metrics = {
+            "steps": self.step,
+            "max_train_steps": self.opt.max_train_steps,
+            "resumed_from_step": self.start_step,
+            "final_loss": final_loss,
+            "eval_loss": self.eval_points,
+            "seconds_per_step_median": median,
+            "samples_per_second": (self.samples_per_step / median) if median else None,
+            "wall_seconds": wall,
+            "world_size": self.info.world_size,
+            "backend": self.info.backend,
+            "threads_per_rank": self.info.threads,
+            "allreduce_bytes_per_step": self.allreduce.bytes_per_step,
+            "rank_embedding_sha256": digests,
+            "peak_rss_mb_per_rank": [round(g[1], 1) for g in gathered],
+            "step_seconds": [round(s, 4) for s in self.step_seconds],
+            "learning_rate": self.lr,
+            "seed": self.seed,
+            "placeholder_tokens": self.token_text.split(),
+            "history": self.history,
+            "config": self.config.to_wire(),
+        }
+        outputs.write_metrics(self.output_dir / outputs.METRICS_FILE, metrics)
+        outputs.write_loss_plot(self.output_dir / outputs.LOSS_PLOT, self.history,
+                                self.eval_points)
+        emit({
+            "event": "completed",
+            "output_dir": str(self.output_dir.resolve()),
+            "learned_embeds": str(embeds.resolve()),
+            "steps": int(self.step),
+            "final_loss": float(final_loss),
+            "wall_seconds": round(wall, 3),
+        })
