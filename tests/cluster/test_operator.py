@@ -264,3 +264,23 @@ def test_training_options_cannot_change_once_started(crds, operator, namespace):
         "-p",
         '{"spec":{"backoffLimit":5}}',
     )  # run-control fields stay editable
+
+
+def test_reapplying_the_same_manifest_shows_no_drift(crds, operator, namespace):
+    cp = crds
+    doc = job()
+    submit(cp, namespace, doc, server_side=True)
+    running_workers(cp, namespace, 3)
+    cp.wait_for(
+        lambda: status(cp, namespace).get("workers", {}).get("display") == "3/3",
+        what="status written by the operator",
+    )
+    generation = cp.get("ftj", "dicoo", namespace)["metadata"]["generation"]
+    text = yaml.safe_dump(doc)
+    diff = cp.kubectl("diff", "--server-side", "-n", namespace, "-f", "-", input=text, check=False)
+    assert diff.returncode == 0, diff.stdout
+    cp.apply_yaml(text, namespace=namespace, server_side=True)
+    after = cp.get("ftj", "dicoo", namespace)
+    assert after["metadata"]["generation"] == generation
+    assert not after["metadata"].get("finalizers")
+    assert not [k for k in after["metadata"].get("annotations", {}) if "kopf" in k]

@@ -58,10 +58,10 @@ def job(name: str = "dicoo", **spec_changes) -> dict:
     return doc
 
 
-def submit(cp: ControlPlane, namespace: str, doc: dict) -> None:
+def submit(cp: ControlPlane, namespace: str, doc: dict, server_side: bool = False) -> None:
     volume(cp, namespace, "concepts")
     volume(cp, namespace, doc["spec"]["output"]["pvc"]["claimName"], make_claim=False)
-    cp.apply_yaml(yaml.safe_dump(doc), namespace=namespace)
+    cp.apply_yaml(yaml.safe_dump(doc), namespace=namespace, server_side=server_side)
 
 
 def status(cp: ControlPlane, namespace: str, name: str = "dicoo", kind: str = "ftj") -> dict:
