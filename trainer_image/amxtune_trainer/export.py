@@ -1,0 +1,443 @@
+"""`amxtune-train export-openvino`: a Stable Diffusion pipeline -> a static OpenVINO pipeline.
+
+Source: a full pipeline folder saved by the trainer (OUTPUT/pipeline), or a base model plus a
+learned_embeds.safetensors, whose token(s) are added to the tokenizer and the text encoder
+*before* conversion so that the exported pipeline understands the placeholder token.
+
+The conversion is optimum-intel's (`OVStableDiffusionPipeline.from_pretrained(export=True)`);
+then the pipeline is reshaped to a static batch size, height, width and images per prompt,
+optionally has its weights compressed (fp16, or int8 with NNCF), and is saved as OpenVINO IR.
+
+What optimum-intel saves, and what that means for loading:
+- `save_pretrained` writes each model's IR with its *current* shapes, so the saved .xml files
+  are static. But `OVStableDiffusionPipeline.from_pretrained(folder)` defaults to
+  `dynamic_shapes=True`, which reshapes everything back to dynamic on load. Load with
+  `dynamic_shapes=False` (`load_openvino_pipeline` below does) to keep the static shapes.
+- `reshape()` gives the VAE decoder a batch of `num_images_per_prompt` only, while the pipeline
+  decodes `batch_size * num_images_per_prompt` latents at once; with batch_size > 1 the decode
+  fails. We reshape the decoder to the full batch ourselves.
+- Without a quantization config, optimum-intel's export compresses models above 1e9 parameters
+  to int8 on its own; we pass `load_in_8bit=False` so that fp32 means fp32.
+- Hub ids are tried before local folders for relative paths: we pass absolute paths.
+
+The export is atomic: everything is written into a temporary folder beside the target and
+renamed into place at the end; on failure the temporary folder is removed.
+amxtune_export.json in the folder records the options, the source and the tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from amxtune.api.export import OpenVINOExportOptions, WeightFormat
+from amxtune_trainer.errors import UserError
+from amxtune_trainer.model_flags import add_model_flags, model_from_args
+
+EXPORT_METADATA = "amxtune_export.json"
+EMBEDDINGS_NAME = "learned_embeds.safetensors"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        "--pipeline",
+        "--pretrained-model-name-or-path",
+        "--pretrained_model_name_or_path",
+        dest="model",
+        required=True,
+        help="Pipeline to export: the trainer's full pipeline folder (OUTPUT/pipeline), or the "
+        "base model (a diffusers folder, a hub id, or a built-in model: 'tiny', 'sd15-arch') "
+        "when --learned-embeds is given.",
+    )
+    parser.add_argument(
+        "--learned-embeds",
+        "--learned_embeds",
+        dest="learned_embeds",
+        help=f"{EMBEDDINGS_NAME} (or the trainer's output folder holding it) whose token(s) are "
+        "added to --model before export.",
+    )
+    parser.add_argument(
+        "--token",
+        help="Load the embedding under this token instead of the one stored in the file.",
+    )
+    parser.add_argument("--revision", help="Hub revision of --model.")
+    parser.add_argument(
+        "--output", "-o", required=True, help="Folder to create with the OpenVINO pipeline."
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --output if it exists (the old folder is kept until the new one is ready).",
+    )
+    group = parser.add_argument_group("static shape and weights")
+    add_model_flags(group, OpenVINOExportOptions)
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    options = model_from_args(OpenVINOExportOptions, args)
+    output = Path(args.output).expanduser().absolute()
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output {output} already exists; pass --overwrite to replace it")
+    source = resolve_model(args.model, args.revision)
+    embeds = resolve_embeddings(args.learned_embeds) if args.learned_embeds else None
+    if args.token and not embeds:
+        raise UserError("--token needs --learned-embeds")
+    started = time.perf_counter()
+    metadata = export_openvino(
+        source,
+        output,
+        options,
+        learned_embeds=embeds,
+        token=args.token,
+        revision=args.revision,
+        overwrite=args.overwrite,
+    )
+    sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in metadata["weight_bytes"].items())
+    print(
+        f"exported {args.model} to {output} in {time.perf_counter() - started:.1f} s: "
+        f"{options.batch_size}x{options.num_images_per_prompt} images of "
+        f"{options.width}x{options.height}, {options.weight_format} weights ({sizes})",
+        flush=True,
+    )
+    return 0
+
+
+def quiet_libraries() -> None:
+    """No progress bars or chatter from diffusers/transformers/optimum in a pod's log."""
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("diffusers", "transformers", "optimum", "nncf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+# --- model resolution -------------------------------------------------------------------------
+
+
+def resolve_model(name_or_path: str, revision: str | None = None) -> str:
+    """An absolute local Stable Diffusion pipeline folder for a built-in name, folder or hub id.
+
+    Uses the trainer's resolver (amxtune_trainer.models.resolve_model_path: built-ins, folders,
+    hub downloads, one-line errors) when it is there; the fallback handles built-ins and
+    local folders and passes hub ids through. Either way a local folder must be a Stable
+    Diffusion pipeline.
+    """
+    try:
+        from amxtune_trainer.models import resolve_model_path
+    except ImportError:
+        resolve_model_path = _resolve_model_path_fallback
+    resolved = resolve_model_path(name_or_path, revision)
+    path = Path(resolved)
+    if not path.is_dir():
+        return str(resolved)  # a hub id (fallback only): optimum-intel resolves it
+    check_pipeline_folder(path)
+    return str(path.absolute())
+
+
+def _resolve_model_path_fallback(name_or_path: str, revision: str | None = None) -> Path | str:
+    from amxtune_trainer.builtin.models import BUILTINS, ensure_builtin_model
+
+    if name_or_path in BUILTINS and not Path(name_or_path).exists():
+        return ensure_builtin_model(name_or_path)
+    path = Path(name_or_path).expanduser()
+    looks_local = (
+        path.exists()
+        or name_or_path.startswith((".", "/", "~"))
+        or name_or_path.count("/") > 1
+        or "\\" in name_or_path
+    )
+    if not looks_local:
+        return name_or_path  # a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5
+    check_pipeline_folder(path)
+    return path
+
+
+def check_pipeline_folder(path: Path) -> dict:
+    """The model_index.json of a Stable Diffusion pipeline folder, or a UserError."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{index} is not valid JSON: {error}") from None
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in config]
+    if missing:
+        raise UserError(
+            f"{path} is not a Stable Diffusion pipeline "
+            f"(model_index.json lacks {', '.join(missing)})"
+        )
+    return config
+
+
+def resolve_embeddings(path_text: str) -> Path:
+    """learned_embeds.safetensors itself, or the folder that holds it; checked to load."""
+    path = Path(path_text).expanduser().absolute()
+    if path.is_dir():
+        path = path / EMBEDDINGS_NAME
+    if not path.is_file():
+        raise UserError(f"learned embeddings {path} not found")
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: expected a .safetensors file of learned embeddings")
+    read_embeddings(path)
+    return path
+
+
+def read_embeddings(path: Path) -> dict:
+    """{token: tensor[n, dim]} from a diffusers-format learned_embeds.safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
+    if not tensors:
+        raise UserError(f"{path} holds no embeddings")
+    for token, tensor in tensors.items():
+        if tensor.ndim not in (1, 2):
+            raise UserError(f"{path}: embedding {token!r} has shape {list(tensor.shape)}, "
+                            "expected [vectors, dim]")
+    return tensors
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def export_openvino(
+    source: str,
+    output: Path,
+    options: OpenVINOExportOptions,
+    *,
+    learned_embeds: Path | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Export `source` (+ `learned_embeds`) into `output` atomically; return the metadata."""
+    output = Path(output).absolute()
+    created_parent = _make_parents(output.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        tokens: list[str] = []
+        convert_from = source
+        if learned_embeds is not None:
+            convert_from, tokens = _pipeline_with_embeddings(
+                source, learned_embeds, token, revision, staging / "source"
+            )
+        target = staging / "openvino"
+        pipe = convert(convert_from, options.weight_format, revision=None if tokens else revision)
+        make_static(pipe, options)
+        pipe.save_pretrained(str(target))
+        del pipe
+        _write_slow_tokenizer_files(target / "tokenizer")
+        _check_tokens(target / "tokenizer", tokens)
+        metadata = {
+            "format": "amxtune-openvino-export/v1",
+            "options": options.to_wire(),
+            "source": source,
+            "learned_embeds": str(learned_embeds) if learned_embeds else None,
+            "placeholder_tokens": tokens,
+            "static": True,
+            "weight_bytes": weight_bytes(target),
+            "versions": _versions(),
+        }
+        (target / EXPORT_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        if output.exists():
+            if not overwrite:
+                raise UserError(f"{output} appeared during the export; not replacing it")
+            output.rename(staging / "previous")
+        target.rename(output)
+        return metadata
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created_parent)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_parents(folder: Path) -> Path | None:
+    """mkdir -p `folder`; return the topmost folder created (to undo on failure), if any."""
+    topmost = None
+    for parent in [folder, *folder.parents][::-1]:
+        if not parent.exists():
+            topmost = topmost or parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return topmost
+
+
+def _remove_empty(topmost: Path | None) -> None:
+    """Remove the folders `_make_parents` created, if they are still empty."""
+    if topmost is None:
+        return
+    for folder in sorted((p for p in topmost.rglob("*") if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        topmost.rmdir()
+
+
+def convert(source: str, weight_format: str, revision: str | None = None):
+    """optimum-intel conversion to an (uncompiled, dynamic) OVStableDiffusionPipeline."""
+    from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+
+    kwargs: dict = {"export": True, "compile": False, "load_in_8bit": False}
+    if revision:
+        kwargs["revision"] = revision
+    if weight_format == WeightFormat.int8:
+        # int8_asym, one scale and zero point per output channel, for every model.
+        kwargs["quantization_config"] = OVWeightQuantizationConfig(bits=8, sym=False)
+    if Path(source).is_absolute():
+        kwargs["local_files_only"] = True
+    try:
+        pipe = OVStableDiffusionPipeline.from_pretrained(source, **kwargs)
+    except OSError as error:  # hub id not found / offline
+        raise UserError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
+    if weight_format == WeightFormat.fp16:
+        pipe.half()
+    return pipe
+
+
+def make_static(pipe, options: OpenVINOExportOptions) -> None:
+    """Reshape to the static shape (and fix the VAE decoder batch, see the module doc)."""
+    pipe.reshape(
+        batch_size=options.batch_size,
+        height=options.height,
+        width=options.width,
+        num_images_per_prompt=options.num_images_per_prompt,
+    )
+    images = options.batch_size * options.num_images_per_prompt
+    if images != options.num_images_per_prompt:
+        pipe.vae_decoder.model = pipe._reshape_vae_decoder(
+            pipe.vae_decoder.model, options.height, options.width, images
+        )
+        pipe.clear_requests()
+
+
+def load_openvino_pipeline(folder: str | Path, *, precision: str = "auto", compile: bool = True):
+    """Load an exported folder with its static shapes; `precision` is the CPU plugin's
+    inference precision: 'auto' (plugin default: bf16 on AMX/AVX512-BF16 CPUs), 'fp32', 'bf16'."""
+    from optimum.intel import OVStableDiffusionPipeline
+
+    folder = Path(folder).absolute()
+    check_openvino_folder(folder)
+    ov_config = {}
+    if precision != "auto":
+        ov_config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
+    pipe = OVStableDiffusionPipeline.from_pretrained(
+        str(folder), dynamic_shapes=False, compile=False, ov_config=ov_config,
+        local_files_only=True,
+    )
+    if compile:
+        pipe.compile()
+    return pipe
+
+
+def check_openvino_folder(folder: Path) -> None:
+    if not (folder / "model_index.json").is_file() or not (
+        folder / "unet" / "openvino_model.xml"
+    ).is_file():
+        raise UserError(
+            f"{folder} is not an OpenVINO pipeline folder (no model_index.json and "
+            "unet/openvino_model.xml); make one with `amxtune-train export-openvino`"
+        )
+
+
+def read_export_metadata(folder: Path) -> dict | None:
+    path = Path(folder) / EXPORT_METADATA
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def weight_bytes(folder: Path) -> dict[str, int]:
+    """Size of each model's weights file, e.g. {'unet': ..., 'text_encoder': ...}."""
+    return {
+        path.parent.name: path.stat().st_size
+        for path in sorted(Path(folder).glob("*/openvino_model.bin"))
+    }
+
+
+def _pipeline_with_embeddings(
+    source: str, embeds: Path, token: str | None, revision: str | None, folder: Path
+) -> tuple[str, list[str]]:
+    """Save `source` with the embedding's token(s) added into `folder`; return it and the tokens."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    tensors = read_embeddings(embeds)
+    if token and len(tensors) != 1:
+        raise UserError(f"--token needs a file with one embedding; {embeds} has {len(tensors)}")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, revision=revision, torch_dtype=torch.float32, safety_checker=None,
+            requires_safety_checker=False, local_files_only=Path(source).is_absolute(),
+        )
+    except OSError as error:
+        raise UserError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
+    dim = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+    for name, tensor in tensors.items():
+        if tensor.shape[-1] != dim:
+            raise UserError(
+                f"{embeds}: embedding {name!r} has dimension {tensor.shape[-1]}, but the text "
+                f"encoder of {source} uses {dim}: trained for another base model?"
+            )
+    before = set(pipe.tokenizer.get_vocab())
+    try:
+        pipe.load_textual_inversion(str(embeds), token=token)
+    except ValueError as error:
+        raise UserError(f"cannot add {embeds} to {source}: {error}") from None
+    tokens = sorted(set(pipe.tokenizer.get_vocab()) - before)
+    pipe.save_pretrained(str(folder))
+    _write_slow_tokenizer_files(folder / "tokenizer")
+    return str(folder.absolute()), tokens
+
+
+def _write_slow_tokenizer_files(folder: Path) -> None:
+    """transformers 5 saves only tokenizer.json; older readers also need vocab.json/merges.txt."""
+    from transformers import CLIPTokenizer
+
+    from amxtune_trainer.builtin.models import save_slow_tokenizer_files
+
+    if (folder / "vocab.json").is_file():
+        return
+    save_slow_tokenizer_files(CLIPTokenizer.from_pretrained(str(folder)), folder)
+
+
+def _check_tokens(folder: Path, tokens: list[str]) -> None:
+    if not tokens:
+        return
+    from transformers import CLIPTokenizer
+
+    vocab = CLIPTokenizer.from_pretrained(str(folder)).get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise RuntimeError(f"exported tokenizer lost the placeholder token(s) {missing}")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("optimum-intel", "openvino", "nncf", "diffusers", "transformers", "torch"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
