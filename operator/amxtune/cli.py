@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a FineTuneJob manifest on this machine, no cluster")
     p.add_argument("file", help="FineTuneJob YAML")
+    from amxtune.local import add_arguments
+
+    add_arguments(p)
     p.set_defaults(handler=_run)
     return parser
 

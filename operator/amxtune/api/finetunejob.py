@@ -104,7 +104,8 @@ class CclTransport(StrEnum):
 class Ccl(ApiModel):
     transport: CclTransport = Field(default=CclTransport.ofi, description="CCL_ATL_TRANSPORT.")
     worker_count: int = Field(
-        default=1, ge=1, le=16, description="CCL_WORKER_COUNT: cores per rank kept for oneCCL."
+        default=1, ge=0, le=16,
+        description="CCL_WORKER_COUNT: cores per rank kept for oneCCL (0 with the gloo backend).",
     )
     fi_provider: str = Field(default="tcp", description="FI_PROVIDER for the ofi transport.")
 

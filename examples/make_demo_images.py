@@ -1,0 +1,43 @@
+"""Draw the demo concept: a small yellow robot toy, five views (examples/concepts/robot).
+
+The demo cannot download the recipe's "dicoo" images, so it learns this drawn toy instead.
+Run it again to regenerate the PNGs: python examples/make_demo_images.py
+"""
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+OUT = Path(__file__).parent / "concepts" / "robot"
+
+
+def robot(seed: int, size: int = 256) -> Image.Image:
+    rng = random.Random(seed)
+    sky = tuple(rng.randint(150, 230) for _ in range(3))
+    image = Image.new("RGB", (size, size), sky)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, int(size * 0.75), size, size], fill=(194, 178, 128))  # sand
+    scale = rng.uniform(0.8, 1.1)
+    cx, cy = size // 2 + rng.randint(-30, 30), int(size * 0.55)
+    w, h = int(70 * scale), int(80 * scale)
+    yellow, dark = (245, 200, 40), (60, 60, 70)
+    draw.rectangle([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=yellow)  # body
+    head = int(50 * scale)
+    draw.rectangle([cx - head // 2, cy - h // 2 - head, cx + head // 2, cy - h // 2], fill=yellow)
+    for ex in (-1, 1):  # eyes, arms, legs
+        draw.ellipse([cx + ex * head // 4 - 6, cy - h // 2 - head // 2 - 6,
+                      cx + ex * head // 4 + 6, cy - h // 2 - head // 2 + 6], fill=dark)
+        arm = sorted([cx + ex * (w // 2), cx + ex * (w // 2 + 18)])
+        draw.rectangle([arm[0], cy - h // 4, arm[1], cy + h // 6], fill=yellow)
+        draw.rectangle([cx + ex * w // 4 - 8, cy + h // 2, cx + ex * w // 4 + 8, cy + h // 2 + 25],
+                       fill=dark)
+    draw.line([cx, cy - h // 2 - head, cx, cy - h // 2 - head - 20], fill=dark, width=3)
+    return image
+
+
+if __name__ == "__main__":
+    OUT.mkdir(parents=True, exist_ok=True)
+    for i in range(5):
+        robot(i).save(OUT / f"{i}.png", optimize=True)
+    print(f"wrote 5 images to {OUT}")
