@@ -138,6 +138,11 @@ class LocalPlan:
             if "value" in item and item["name"] not in CLUSTER_ONLY_ENV:
                 env[item["name"]] = item["value"]
         env["OMP_NUM_THREADS"] = str(self.threads)
+        # the trainer's own progress bar replaces the libraries' loading bars and chatter
+        for quiet in ("HF_HUB_DISABLE_PROGRESS_BARS", "DIFFUSERS_NO_ADVISORY_WARNINGS"):
+            env.setdefault(quiet, "1")
+        for library in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            env.setdefault(library, "error")
         preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and Path(p).exists()]
         prefix_iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
         if self.spec.runtime.open_mp == "iomp5" and prefix_iomp.exists():

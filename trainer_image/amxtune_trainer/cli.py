@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "textual-inversion": ("amxtune_trainer.textual_inversion", "learn a new concept's embedding"),
     "export-openvino": ("amxtune_trainer.export", "export a pipeline to OpenVINO"),
     "generate": ("amxtune_trainer.generate", "render prompts with an OpenVINO/PyTorch pipeline"),
+    "inference": ("amxtune_trainer.inference", "export + generate, as an InferenceJob pod does"),
 }
 
 

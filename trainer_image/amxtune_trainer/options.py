@@ -121,16 +121,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _snake_keys(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {to_snake(str(k)): _snake_keys(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_snake_keys(v) for v in value]
-    return value
+def _field_names(value: Any, model: type[BaseModel] | None) -> Any:
+    """Rename wire keys (camelCase aliases) to the model's field names, recursively.
+
+    The aliases come from the model itself: a generic camel-to-snake conversion is not the
+    inverse of the aliases ("adamBeta1" is the field adam_beta1, not adam_beta_1). Unknown keys
+    are kept, so that the model reports them.
+    """
+    if not isinstance(value, dict) or model is None:
+        return value
+    names = {field.alias or name: name for name, field in model.model_fields.items()}
+    renamed = {}
+    for key, item in value.items():
+        name = names.get(key, key)
+        field = model.model_fields.get(name)
+        nested = _unwrap_optional(field.annotation) if field else None
+        is_model = isinstance(nested, type) and issubclass(nested, BaseModel)
+        renamed[name] = _field_names(item, nested if is_model else None)
+    return renamed
 
 
-def read_config_file(path: str | Path) -> dict:
-    """Read a JSON or YAML config into a snake_case dict (UserError when unreadable)."""
+def read_config_file(path: str | Path, model: type[BaseModel] = TrainerConfig) -> dict:
+    """Read a JSON or YAML config of `model` with its field names as keys (UserError when
+    unreadable)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -152,7 +165,7 @@ def read_config_file(path: str | Path) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of options")
-    return _snake_keys(data)
+    return _field_names(data, model)
 
 
 def format_validation_error(error: ValidationError) -> str:

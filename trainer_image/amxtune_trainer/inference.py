@@ -1,0 +1,106 @@
+"""`amxtune-train inference --config TASK`: the InferenceJob pod's work, in one command.
+
+Exports the trained result (SOURCE/pipeline, or the base model plus the learned embeddings) to
+SOURCE/openvino with `export-openvino`, renders the prompts into SOURCE/samples with
+`generate`, and prints one JSON line `{"event": "completed", ...}` that the operator reads into
+the InferenceJob's status. The task file is amxtune.api.inferencejob.InferenceTask, written by
+the operator (and by `amxtune run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from amxtune_trainer.errors import UserError
+from amxtune_trainer.model_flags import flag_name
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="InferenceTask JSON/YAML file.")
+
+
+def model_to_flags(model: BaseModel) -> list[str]:
+    """The command-line form of an options model (the inverse of add_model_flags)."""
+    argv: list[str] = []
+    for name, value in model.model_dump().items():
+        if value is None or isinstance(value, dict):
+            continue
+        flag = flag_name(name)
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value.value if isinstance(value, enum.Enum) else value)]
+    return argv
+
+
+def _run_subcommand(command: str, argv: list[str]) -> None:
+    from amxtune_trainer import cli
+
+    args = cli.build_parser(only=command).parse_args([command, *argv])
+    module = __import__(cli.SUBCOMMANDS[command][0], fromlist=["run"])
+    code = module.run(args)
+    if code:
+        raise UserError(f"{command} failed with exit code {code}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from amxtune.api.export import GenerationOptions
+    from amxtune.api.inferencejob import InferenceTask
+    from amxtune_trainer.generate import METADATA_NAME
+    from amxtune_trainer.options import read_config_file
+
+    try:
+        task = InferenceTask.model_validate(read_config_file(args.config, InferenceTask))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{args.config}: {where}: {first['msg']}") from None
+    source = Path(task.source_dir).absolute()
+    output = Path(task.output_dir).absolute()
+    openvino, samples = output / "openvino", output / "samples"
+    pipeline = source / "pipeline"
+    export_argv = ["--output", str(openvino), "--overwrite", *model_to_flags(task.openvino)]
+    if (pipeline / "model_index.json").is_file():
+        export_argv += ["--model", str(pipeline)]
+    else:
+        if not task.base_model:
+            raise UserError(f"{source} has no pipeline/ folder and the task names no base model")
+        embeddings = source / task.embeddings
+        if not embeddings.is_file():
+            raise UserError(f"{embeddings} not found: has the training finished?")
+        export_argv += ["--model", task.base_model, "--learned-embeds", str(embeddings)]
+        if task.revision:
+            export_argv += ["--revision", task.revision]
+    _run_subcommand("export-openvino", export_argv)
+
+    generation = GenerationOptions.model_validate(
+        task.model_dump(include=set(GenerationOptions.model_fields))
+    )
+    _run_subcommand(
+        "generate",
+        ["--model", str(openvino), "--output", str(samples), "--overwrite",
+         *model_to_flags(generation)],
+    )
+    rendered = json.loads((samples / METADATA_NAME).read_text())
+    print(
+        json.dumps(
+            {
+                "event": "completed",
+                "openvino": str(openvino),
+                "samples": str(samples),
+                "grid": str(samples / rendered["grid"]),
+                "images": rendered["num_images"],
+                "seconds_per_image": rendered["seconds_per_image"],
+            }
+        ),
+        flush=True,
+    )
+    return 0
