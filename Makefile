@@ -31,3 +31,4 @@ lint: install
 crds: install
 	$(VENV)/bin/amxtune crds --output crds
 	$(VENV)/bin/amxtune crds --output charts/amxtune/crds
+	$(VENV)/bin/amxtune crds --reference > docs/reference.md

@@ -12,7 +12,9 @@ import yaml
 def _crds(args: argparse.Namespace) -> int:
     from amxtune import crd
 
-    if args.output:
+    if args.reference:
+        sys.stdout.write(crd.reference_markdown())
+    elif args.output:
         for path in crd.write_all(Path(args.output)):
             print(path)
     else:
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("crds", help="print (or write) the CustomResourceDefinitions")
     p.add_argument("--output", "-o", help="folder to write one YAML file per CRD into")
+    p.add_argument("--reference", action="store_true", help="print the field reference (Markdown)")
     p.set_defaults(handler=_crds)
 
     p = sub.add_parser("render", help="print the Kubernetes objects a manifest turns into")

@@ -72,3 +72,8 @@ def test_printer_columns_and_names():
     assert body["spec"]["names"]["shortNames"] == ["ftj"]
     assert body["spec"]["names"]["categories"] == ["amxtune"]
     assert version["subresources"] == {"status": {}}
+
+
+def test_reference_is_up_to_date():
+    committed = ROOT / "docs" / "reference.md"
+    assert committed.read_text() == crd.reference_markdown(), "docs/reference.md: make crds"
