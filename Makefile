@@ -20,7 +20,7 @@ $(STAMP):
 	@rm -f $(VENV)/.amxtune-* && touch $@
 
 demo: install
-	$(VENV)/bin/amxtune run examples/finetunejob.yaml --model tiny
+	$(VENV)/bin/amxtune run examples/demo.yaml
 
 test: install
 	$(PY) -m pytest
