@@ -292,6 +292,7 @@ def test_success_creates_the_inference_job_then_succeeds_with_it(world):
             "event": "completed",
             "openvino": "/output/dicoo/openvino",
             "images": 1,
+            "image_paths": ["/output/dicoo/samples/000-a-yellow.png"],
             "grid": "/output/dicoo/samples/grid.png",
             "seconds_per_image": 1.5,
         }
@@ -299,6 +300,9 @@ def test_success_creates_the_inference_job_then_succeeds_with_it(world):
     infj.reconcile("ns", "dicoo-export")
     assert kube.status("InferenceJob", "dicoo-export")["phase"] == "Succeeded"
     assert kube.status("InferenceJob", "dicoo-export")["secondsPerImage"] == 1.5
+    assert kube.status("InferenceJob", "dicoo-export")["imagePaths"] == [
+        "/output/dicoo/samples/000-a-yellow.png"
+    ]
     ftj.reconcile("ns", "dicoo")
     status = kube.status()
     assert status["phase"] == "Succeeded"

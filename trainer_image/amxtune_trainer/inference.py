@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 "openvino": str(openvino),
                 "samples": str(samples),
                 "grid": str(samples / rendered["grid"]),
+                "image_paths": [str(samples / image["file"]) for image in rendered["images"]],
                 "images": rendered["num_images"],
                 "seconds_per_image": rendered["seconds_per_image"],
             }

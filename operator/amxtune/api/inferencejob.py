@@ -65,6 +65,9 @@ class InferenceJobStatus(ApiModel):
     exported_model: str | None = None
     grid: str | None = None
     images: int | None = None
+    image_paths: list[str] = Field(
+        default_factory=list, description="Rendered images (the first 64) on the volume."
+    )
     seconds_per_image: float | None = None
     start_time: str | None = None
     completion_time: str | None = None

@@ -72,6 +72,7 @@ class InferenceJobController(Reconciler):
                 exportedModel=result.get("openvino"),
                 grid=result.get("grid"),
                 images=result.get("images"),
+                imagePaths=(result.get("image_paths") or [])[:64] or None,
                 secondsPerImage=result.get("seconds_per_image"),
             )
             for key in [k for k, v in status.items() if v is None]:
