@@ -7,6 +7,8 @@ kwok plays the kubelet: worker pods run until a test annotates them to succeed o
 from __future__ import annotations
 
 import json
+import socket
+import urllib.request
 
 import pytest
 import yaml
@@ -284,3 +286,48 @@ def test_reapplying_the_same_manifest_shows_no_drift(crds, operator, namespace):
     assert after["metadata"]["generation"] == generation
     assert not after["metadata"].get("finalizers")
     assert not [k for k in after["metadata"].get("annotations", {}) if "kopf" in k]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_operator_serves_liveness_metrics_and_json_logs(crds, namespace):
+    cp = crds
+    health, metrics = free_port(), free_port()
+    process = OperatorProcess(
+        cp,
+        namespace,
+        flags=[
+            "--liveness",
+            f"http://127.0.0.1:{health}/healthz",
+            "--metrics-port",
+            str(metrics),
+            "--log-format",
+            "json",
+        ],
+    ).start()
+    try:
+        submit(cp, namespace, job())
+        running_workers(cp, namespace, 3)
+
+        def get(url: str) -> str:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read().decode()
+
+        cp.wait_for(lambda: get(f"http://127.0.0.1:{health}/healthz"), what="liveness")
+        text = cp.wait_for(
+            lambda: (
+                (t := get(f"http://127.0.0.1:{metrics}/metrics"))
+                and 'amxtune_jobs{kind="FineTuneJob",phase="Running"} 1.0' in t
+                and t
+            ),
+            what="jobs-by-phase metric",
+        )
+        assert "amxtune_reconcile_seconds_count" in text
+        records = [json.loads(line) for line in process.log().splitlines() if line.startswith("{")]
+        assert any("WorkersCreated" in r.get("message", "") for r in records)
+    finally:
+        process.stop()

@@ -31,6 +31,7 @@ class OperatorProcess:
         namespace: str,
         extra_env: dict[str, str] | None = None,
         kubeconfig: Path | None = None,
+        flags: list[str] | None = None,
     ) -> None:
         self.cp = cp
         self.namespace = namespace
@@ -42,6 +43,7 @@ class OperatorProcess:
             "AMXTUNE_TRAINER_IMAGE": "amxtune-trainer:test",
             **(extra_env or {}),
         }
+        self.flags = flags or ["--liveness", "", "--metrics-port", "0", "--log-format", "plain"]
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
