@@ -18,7 +18,9 @@ What optimum-intel saves, and what that means for loading:
   fails. We reshape the decoder to the full batch ourselves.
 - Without a quantization config, optimum-intel's export compresses models above 1e9 parameters
   to int8 on its own; we pass `load_in_8bit=False` so that fp32 means fp32.
-- Hub ids are tried before local folders for relative paths: we pass absolute paths.
+- Hub ids are tried before local folders for relative paths: we pass absolute paths. And
+  `local_files_only=True` makes it look a local folder up in the hub cache (and log an error
+  line), so it is not passed for local folders.
 
 The export is atomic: everything is written into a temporary folder beside the target and
 renamed into place at the end; on failure the temporary folder is removed.
@@ -307,8 +309,6 @@ def convert(source: str, weight_format: str, revision: str | None = None):
     if weight_format == WeightFormat.int8:
         # int8_asym, one scale and zero point per output channel, for every model.
         kwargs["quantization_config"] = OVWeightQuantizationConfig(bits=8, sym=False)
-    if Path(source).is_absolute():
-        kwargs["local_files_only"] = True
     try:
         pipe = OVStableDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:  # hub id not found / offline
@@ -345,8 +345,7 @@ def load_openvino_pipeline(folder: str | Path, *, precision: str = "auto", compi
     if precision != "auto":
         ov_config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "bf16": "bf16"}[precision]
     pipe = OVStableDiffusionPipeline.from_pretrained(
-        str(folder), dynamic_shapes=False, compile=False, ov_config=ov_config,
-        local_files_only=True,
+        str(folder), export=False, dynamic_shapes=False, compile=False, ov_config=ov_config
     )
     if compile:
         pipe.compile()
