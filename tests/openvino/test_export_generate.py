@@ -132,6 +132,22 @@ def test_int8_weights_are_smaller_and_still_render(ov_int8, ov_fp32):
     assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all() and image.std() > 0.01
 
 
+def test_fp16_weights_are_half_the_size_and_render(full_pipeline, ov_fp32, tmp_path):
+    from amxtune.api.export import OpenVINOExportOptions
+    from amxtune_trainer.export import export_openvino, load_openvino_pipeline, weight_bytes
+    from amxtune_trainer.generate import render
+
+    output = tmp_path / "openvino"
+    options = OpenVINOExportOptions(height=SIZE, width=SIZE, weight_format="fp16")
+    metadata = export_openvino(str(full_pipeline), output, options)
+    fp16, fp32 = metadata["weight_bytes"], weight_bytes(ov_fp32)
+    assert 0.4 * fp32["unet"] < fp16["unet"] < 0.6 * fp32["unet"], (fp16, fp32)
+    pipe = load_openvino_pipeline(output)
+    options = GenerationOptions(prompts=[f"a {TOKEN}"], num_inference_steps=3)
+    image = render(pipe, options, _shape(1), backend="openvino", output_type="np").images[0]
+    assert np.isfinite(image).all() and image.std() > 0.01
+
+
 def test_failed_export_leaves_nothing(tiny_model, learned_embeds, tmp_path, monkeypatch):
     from amxtune.api.export import OpenVINOExportOptions
     from amxtune_trainer import export

@@ -46,9 +46,10 @@ class OpenVINOExportOptions(ApiModel):
     )
     weight_format: WeightFormat = Field(
         default=WeightFormat.fp32,
-        description="'fp32' keeps the weights as trained; 'fp16' halves them (computation "
-        "stays fp32 on CPUs without fp16 support); 'int8' compresses the weights of every "
-        "model to 8-bit asymmetric per-channel integers with NNCF (activations stay float).",
+        description="'fp32' keeps the weights as trained; 'fp16' stores them in half "
+        "precision (half the size; the CPU computes in its own precision); 'int8' compresses "
+        "the weights of every model to 8-bit asymmetric per-channel integers with NNCF "
+        "(activations stay floating point).",
     )
 
     @field_validator("height", "width")
