@@ -1,0 +1,260 @@
+"""`python -m amxtune_trainer.bench`: how fast a textual-inversion step is (not a test).
+
+Runs the real trainer (a subprocess per configuration: `python -m amxtune_trainer` for one rank,
+torchrun for several) on synthetic images and prints, per configuration, the median seconds
+per step after warm-up, samples per second, peak RSS per rank and the bytes all-reduced per
+step; with --flops also the FLOPs of one step (counted by torch's FlopCounterMode) and the
+achieved FLOP/s against the CPU's AMX bf16 peak. The load average is printed too: other
+processes on the node skew the figures.
+
+--same-learning trains the tiny model twice, with and without the speed-ups (bf16 weights +
+autocast + channels_last vs fp32), and evaluates both embeddings with the same fp32
+evaluator on the fixed evaluation set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see textual_inversion.quiet_openmp_waits
+
+TOKEN = "<bench-concept>"
+
+
+def make_images(folder: Path, count: int, size: int) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB", (size + 40, size), (235, 225 - 10 * i, 200))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse((size // 8 + 5 * i, size // 8, size * 3 // 4, size * 7 // 8),
+                     fill=(200, 60 + 30 * i, 40))
+        image.save(folder / f"concept-{i}.png")
+    return folder
+
+
+def trainer_args(model: str, data: Path, out: Path, resolution: int, precision: str,
+                 steps: int, extra: list[str] | None = None) -> list[str]:
+    return [
+        "--model", model, "--train-data-dir", str(data), "--output-dir", str(out),
+        "--placeholder-token", TOKEN, "--initializer-token", "toy",
+        "--resolution", str(resolution), "--mixed-precision", "no" if precision == "fp32"
+        else precision, "--max-train-steps", str(steps), "--learning-rate", "5e-3",
+        "--lr-warmup-steps", "0", "--seed", "0", "--eval-samples", "0",
+        "--checkpointing-steps", str(10 ** 6), "--save-steps", str(10 ** 6),
+        "--logging-steps", "1", *(extra or []),
+    ]
+
+
+def run_config(model: str, resolution: int, precision: str, ranks: int, steps: int,
+               warmup: int, workdir: Path, extra: list[str]) -> dict:
+    name = f"{model}-{resolution}-{precision}-r{ranks}"
+    data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
+    out = workdir / name
+    args = trainer_args(model, data, out, resolution, precision, steps, extra)
+    if ranks == 1:
+        command = [sys.executable, "-m", "amxtune_trainer", "textual-inversion", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(ranks), "-m", "amxtune_trainer",
+                   "textual-inversion", *args]
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"{name} failed (exit {result.returncode}):\n{tail}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    times = metrics["step_seconds"][warmup:] or metrics["step_seconds"]
+    median = statistics.median(times)
+    return {
+        "name": name, "model": model, "resolution": resolution, "precision": precision,
+        "ranks": ranks, "steps_timed": len(times), "seconds_per_step": median,
+        "min_seconds_per_step": min(times),
+        "samples_per_second": ranks / median,  # batch 1 per rank
+        "peak_rss_mb": max(metrics["peak_rss_mb_per_rank"]),
+        "allreduce_bytes_per_step": metrics["allreduce_bytes_per_step"],
+        "load_before": load_before, "load_after": os.getloadavg()[0],
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def count_step_flops(model: str, resolution: int, workdir: Path) -> float:
+    """FLOPs of one training step (forward + backward), counted in fp32 in this process."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from amxtune_trainer import distributed, options
+    from amxtune_trainer.cli import build_parser
+    from amxtune_trainer.textual_inversion import Trainer
+
+    data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
+    parsed = build_parser("textual-inversion").parse_args(
+        ["textual-inversion", *trainer_args(model, data, workdir / "flops", resolution, "fp32", 1)]
+    )
+    trainer = Trainer(options.config_from_args(parsed), distributed.DistInfo())
+    trainer.prepare()
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(1)
+    del trainer
+    torch.manual_seed(0)
+    return float(counter.get_total_flops())
+
+
+def measure_matmul_peak(seconds: float = 3.0) -> float:
+    """bf16 FLOP/s of a 2048^2 matmul on this process's cores (what oneDNN/AMX reaches)."""
+    import torch
+
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * 2048 ** 3 * count / (time.perf_counter() - started)
+
+
+def amx_theoretical_peak() -> tuple[float, str]:
+    """Cores x 1024 bf16 FLOP/cycle (AMX TMUL) x nominal clock from /proc/cpuinfo."""
+    cores = len(os.sched_getaffinity(0))
+    mhz = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("bogomips"):
+                mhz = float(line.split(":")[1]) / 2
+                break
+    except OSError:
+        pass
+    return cores * 1024 * mhz * 1e6, f"{cores} cores x 1024 bf16 FLOP/cycle x {mhz / 1000:.2f} GHz"
+
+
+def same_learning(steps: int, workdir: Path) -> list[dict]:
+    """Train tiny twice (speed-ups on/off) and evaluate both embeddings in fp32."""
+    from amxtune_trainer import distributed, options
+    from amxtune_trainer.cli import build_parser
+    from amxtune_trainer.textual_inversion import Trainer
+
+    data = make_images(workdir / "data-64", 4, 64)
+    rows = []
+    variants = {
+        "speed-ups (bf16 weights, autocast, channels_last)": ("bf16", []),
+        "without (fp32, contiguous)": ("fp32", ["--no-channels-last"]),
+    }
+    for label, (precision, extra) in variants.items():
+        out = workdir / f"learn-{precision}"
+        args = trainer_args("tiny", data, out, 64, precision, steps,
+                            ["--learning-rate", "0.1", "--seed", "3", *extra])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-m", "amxtune_trainer", "textual-inversion",
+                                 *args], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise SystemExit(f"{label} failed: {result.stderr[-2000:]}")
+        losses = []
+        for embeds in (None, out / "learned_embeds.safetensors"):
+            eval_args = trainer_args("tiny", data, workdir / "eval", 64, "fp32", 1,
+                                     ["--eval-samples", "16"])
+            if embeds is not None:
+                eval_args += ["--initial-embedding", str(embeds)]
+            parsed = build_parser("textual-inversion").parse_args(["textual-inversion",
+                                                                    *eval_args])
+            trainer = Trainer(options.config_from_args(parsed), distributed.DistInfo())
+            trainer.prepare()
+            losses.append(trainer.eval_loss())
+        rows.append({"variant": label, "eval_loss_before": losses[0],
+                     "eval_loss_after": losses[1], "steps": steps})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amxtune_trainer.bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["sd15-arch"], choices=["tiny", "sd15-arch"])
+    parser.add_argument("--resolution", nargs="+", type=int, default=[256])
+    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1])
+    parser.add_argument("--steps", type=int, default=6, help="steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs, compare to peak")
+    parser.add_argument("--same-learning", type=int, metavar="STEPS", default=0,
+                        help="also compare learning with and without the speed-ups")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
+    parser.add_argument("trainer_flags", nargs=argparse.REMAINDER,
+                        help="after --: extra flags for the trainer (e.g. -- --torch-compile)")
+    args = parser.parse_args(argv)
+    extra = [f for f in args.trainer_flags if f != "--"]
+    context = (tempfile.TemporaryDirectory(prefix="amxtune-bench-") if not args.workdir
+               else None)
+    workdir = Path(args.workdir or context.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    from amxtune_trainer.builtin.models import ensure_builtin_model
+
+    for model in args.model:
+        ensure_builtin_model(model)
+    results, flops = [], {}
+    print(f"# load average before: {os.getloadavg()[0]:.2f}; cores: "
+          f"{len(os.sched_getaffinity(0))}", flush=True)
+    for model, resolution, precision, ranks in itertools.product(
+            args.model, args.resolution, args.precision, args.ranks):
+        row = run_config(model, resolution, precision, ranks, args.steps, args.warmup,
+                         workdir, extra)
+        if args.flops:
+            key = (model, resolution)
+            if key not in flops:
+                flops[key] = count_step_flops(model, resolution, workdir)
+            row["step_gflop"] = flops[key] / 1e9
+            row["achieved_tflops"] = flops[key] * ranks / row["seconds_per_step"] / 1e12
+        results.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    header = ("| model | px | precision | ranks | s/step (median) | samples/s | peak RSS MB/rank "
+              "| all-reduced B/step | load 1m before→after |")
+    if args.flops:
+        header += " GFLOP/step | TFLOP/s |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for r in results:
+        line = (f"| {r['model']} | {r['resolution']} | {r['precision']} | {r['ranks']} | "
+                f"{r['seconds_per_step']:.3f} | {r['samples_per_second']:.3f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['allreduce_bytes_per_step']} | "
+                f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
+        if args.flops:
+            line += f" {r['step_gflop']:.0f} | {r['achieved_tflops']:.3f} |"
+        print(line)
+    extras: dict = {"results": results}
+    if args.flops:
+        peak, how = amx_theoretical_peak()
+        matmul = measure_matmul_peak()
+        extras.update(amx_peak_tflops=peak / 1e12, amx_peak_how=how,
+                      matmul_bf16_tflops=matmul / 1e12)
+        print(f"\nAMX bf16 peak: {peak / 1e12:.2f} TFLOP/s ({how}); "
+              f"2048² bf16 matmul here: {matmul / 1e12:.2f} TFLOP/s")
+    if args.same_learning:
+        rows = same_learning(args.same_learning, workdir)
+        extras["same_learning"] = rows
+        print("\n| tiny, 64 px | eval loss before | eval loss after |")
+        print("|---|---|---|")
+        for row in rows:
+            print(f"| {row['variant']} ({row['steps']} steps) | {row['eval_loss_before']:.5f} "
+                  f"| {row['eval_loss_after']:.5f} |")
+    print(f"# load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(extras, indent=2) + "\n")
+    if context is not None:
+        context.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
