@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.support.controlplane import ControlPlane
-from tests.support.jobs import job, running_workers, simulate, submit, wait_phase
+from tests.support.jobs import finish_all, job, running_workers, submit, wait_phase
 from tests.support.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -158,8 +158,7 @@ def test_installed_chart_grants_enough_to_run_a_job_and_nothing_more(
         try:
             submit(cp, namespace, job())
             pods = running_workers(cp, namespace, 3)
-            for pod in pods:
-                simulate(cp, namespace, pod["metadata"]["name"], "succeed")
+            finish_all(cp, namespace, pods)
             wait_phase(cp, namespace, "Exporting")
             forbidden = [line for line in operator.log().splitlines() if "403" in line]
             assert forbidden == []

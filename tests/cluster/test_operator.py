@@ -16,6 +16,7 @@ import yaml
 from tests.support.controlplane import AMX_LABEL, ControlPlane, KubectlError
 from tests.support.jobs import (
     EXAMPLE,
+    finish_all,
     job,
     reasons,
     running_workers,
@@ -64,8 +65,7 @@ def test_job_runs_on_amx_nodes_exports_and_becomes_ready(crds, operator, namespa
     )
     assert wait
 
-    for pod in pods:
-        simulate(cp, namespace, pod["metadata"]["name"], "succeed")
+    finish_all(cp, namespace, pods)
     exporting = wait_phase(cp, namespace, "Exporting")
     assert exporting["outputs"]["inferenceJob"] == "dicoo-export"
     infj = cp.get("infj", "dicoo-export", namespace)
@@ -145,8 +145,7 @@ def test_operator_restart_mid_job_creates_nothing_twice(crds, operator, namespac
         lambda: status(cp, namespace).get("workers", {}).get("display") == "3/3",
         what="operator back and reporting",
     )
-    for pod in worker_pods(cp, namespace):
-        simulate(cp, namespace, pod["metadata"]["name"], "succeed")
+    finish_all(cp, namespace, worker_pods(cp, namespace))
     wait_phase(cp, namespace, "Exporting")
     assert {p["metadata"]["uid"] for p in worker_pods(cp, namespace)} == before
     events = reasons(cp, namespace)

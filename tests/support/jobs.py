@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import yaml
@@ -29,7 +28,7 @@ def volume(cp: ControlPlane, namespace: str, claim: str, make_claim: bool = True
             "claimRef": {"namespace": namespace, "name": claim},
         },
     }
-    cp.apply_yaml(json.dumps(pv))
+    cp.apply_yaml(yaml.safe_dump(pv))
     if make_claim:
         pvc = {
             "apiVersion": "v1",
@@ -41,7 +40,7 @@ def volume(cp: ControlPlane, namespace: str, claim: str, make_claim: bool = True
                 "resources": {"requests": {"storage": "1Gi"}},
             },
         }
-        cp.apply_yaml(json.dumps(pvc))
+        cp.apply_yaml(yaml.safe_dump(pvc))
 
 
 def job(name: str = "dicoo", **spec_changes) -> dict:
@@ -93,6 +92,13 @@ def running_workers(cp, namespace, count, attempt="0", job_name="dicoo") -> list
         return pods if len(pods) == count else None
 
     return cp.wait_for(ready, timeout=60, what=f"{count} running workers (attempt {attempt})")
+
+
+def finish_all(cp: ControlPlane, namespace: str, pods: list[dict]) -> None:
+    """Let every worker succeed, rank 0 last (its success ends the job; the operator then
+    removes workers that are still running)."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"], reverse=True):
+        simulate(cp, namespace, pod["metadata"]["name"], "succeed")
 
 
 def simulate(cp: ControlPlane, namespace: str, pod: str, outcome: str, code: int = 0) -> None:

@@ -88,7 +88,7 @@ class GenerationOptions(ApiModel):
     seed: int = Field(
         default=0,
         ge=0,
-        le=2**63 - 1,
+        le=2**32 - 1,
         description="Seed of the initial noise; call k (prompts k*batch..) uses seed + k.",
     )
 

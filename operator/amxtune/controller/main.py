@@ -85,6 +85,11 @@ def build_registry(operator: Operator, metrics_port: int) -> kopf.OperatorRegist
     registry = kopf.OperatorRegistry()
     group, version = names.GROUP, "v1alpha1"
 
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: object) -> kopf.ConnectionInfo | None:
+        # a custom registry has no default login handlers: in-cluster token, else kubeconfig
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
     @kopf.on.startup(registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: object) -> None:
         settings.posting.enabled = False  # our own events have stable reasons; kopf's are noise
