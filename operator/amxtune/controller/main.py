@@ -82,6 +82,7 @@ class Operator:
 
 
 def build_registry(operator: Operator, metrics_port: int) -> kopf.OperatorRegistry:
+    """kopf handlers; with explicit namespaces, no cluster-wide scanning (Roles suffice)."""
     registry = kopf.OperatorRegistry()
     group, version = names.GROUP, "v1alpha1"
 
@@ -95,6 +96,8 @@ def build_registry(operator: Operator, metrics_port: int) -> kopf.OperatorRegist
         settings.posting.enabled = False  # our own events have stable reasons; kopf's are noise
         settings.watching.server_timeout = 300
         settings.execution.max_workers = 8
+        # exact namespaces need no namespace/CRD scanning, which would need cluster-wide RBAC
+        settings.scanning.disabled = bool(operator.namespaces)
         if metrics_port:
             from prometheus_client import start_http_server
 
