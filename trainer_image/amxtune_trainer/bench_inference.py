@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", default=None,
         help="Where the OpenVINO exports are kept and reused (default: a temporary folder).",
     )
+    parser.add_argument(
+        "--export-size", type=int, default=None,
+        help="Size the OpenVINO exports are made at (and reused from --workdir); other sizes "
+        "are re-shaped statically from it (default: the first of --sizes).",
+    )
     parser.add_argument("--json", help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             for key in args.configs:
                 result = measure(
-                    key, source, size, args.steps, args.repeats, workdir, args.sizes[0]
+                    key, source, size, args.steps, args.repeats, workdir,
+                    args.export_size or args.sizes[0],
                 )
                 results.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)

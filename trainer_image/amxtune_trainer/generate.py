@@ -105,14 +105,49 @@ def run(args: argparse.Namespace) -> int:
             "--learned-embeds is for --backend pytorch; an OpenVINO export already holds the token"
         )
 
+    metadata = generate_samples(
+        args.model,
+        output,
+        options,
+        backend=args.backend,
+        precision=args.precision,
+        requested_shape=requested_shape,
+        learned_embeds=args.learned_embeds,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"rendered {metadata['num_images']} image(s) with {args.backend} "
+        f"({metadata['precision']}) in "
+        f"{metadata['seconds_total']:.2f} s, {metadata['seconds_per_image']:.3f} s/image; "
+        f"wrote {output}",
+        flush=True,
+    )
+    return 0
+
+
+def generate_samples(
+    model: str | Path,
+    output: Path,
+    options: GenerationOptions,
+    *,
+    backend: str = "openvino",
+    precision: str = "auto",
+    requested_shape: dict | None = None,
+    learned_embeds: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Load `model`, render `options.prompts`, write the samples folder; return its metadata
+    (generation.json's content)."""
+    requested_precision = precision
+    requested_shape = requested_shape or {}
     started = time.perf_counter()
-    if args.backend == "openvino":
+    if backend == "openvino":
         from amxtune_trainer.export import check_openvino_folder, load_openvino_pipeline
 
-        folder = Path(args.model).expanduser().absolute()
+        folder = Path(model).expanduser().absolute()
         check_openvino_folder(folder)
         model_name = str(folder)
-        pipe = load_openvino_pipeline(folder, precision=args.precision, compile=False)
+        pipe = load_openvino_pipeline(folder, precision=requested_precision, compile=False)
         shape = openvino_static_shape(pipe)
         for name, value in requested_shape.items():
             if shape[name] != -1 and value != shape[name]:
@@ -129,17 +164,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         shape = {**PYTORCH_DEFAULT_SHAPE, **requested_shape}
         _check_batches(options, shape)
-        pipe = load_pytorch_pipeline(args.model, args.learned_embeds)
-        model_name = str(args.model)
-        precision = "bf16" if args.precision == "bf16" else "fp32"
+        pipe = load_pytorch_pipeline(model, learned_embeds)
+        model_name = str(model)
+        precision = "bf16" if requested_precision == "bf16" else "fp32"
     load_seconds = time.perf_counter() - started
 
-    rendered = render(pipe, options, shape, backend=args.backend, precision=precision)
+    rendered = render(pipe, options, shape, backend=backend, precision=precision)
     metadata = {
-        "backend": args.backend,
+        "backend": backend,
         "precision": precision,
         "model": model_name,
-        "learned_embeds": args.learned_embeds,
+        "learned_embeds": learned_embeds,
         "settings": options.to_wire(),
         "shape": shape,
         "num_images": len(rendered.records),
@@ -150,14 +185,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_samples(output, rendered, metadata, overwrite=args.overwrite)
-    print(
-        f"rendered {len(rendered.records)} image(s) with {args.backend} ({precision}) in "
-        f"{metadata['seconds_total']:.2f} s, {metadata['seconds_per_image']:.3f} s/image; "
-        f"wrote {output}",
-        flush=True,
-    )
-    return 0
+    return write_samples(output, rendered, metadata, overwrite=overwrite)
 
 
 def _check_batches(options: GenerationOptions, shape: dict) -> None:
@@ -271,7 +299,7 @@ def render(
     return result
 
 
-def write_samples(output: Path, rendered: Rendered, metadata: dict, overwrite: bool) -> None:
+def write_samples(output: Path, rendered: Rendered, metadata: dict, overwrite: bool) -> dict:
     """PNGs, grid.png and generation.json, written beside `output` and renamed into place."""
     from amxtune_trainer.images import make_grid, slug
 
@@ -297,6 +325,7 @@ def write_samples(output: Path, rendered: Rendered, metadata: dict, overwrite: b
                 raise UserError(f"{output} appeared while rendering; not replacing it")
             output.rename(staging / "previous")
         target.rename(output)
+        return metadata
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
