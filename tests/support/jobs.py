@@ -13,7 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
 
 
-def volume(cp: ControlPlane, namespace: str, claim: str, make_claim: bool = True) -> None:
+def volume(
+    cp: ControlPlane,
+    namespace: str,
+    claim: str,
+    make_claim: bool = True,
+    host_path: Path | None = None,
+) -> None:
     """A PersistentVolume pre-bound to `claim` (no provisioner here), and the claim."""
     pv = {
         "apiVersion": "v1",
@@ -24,7 +30,7 @@ def volume(cp: ControlPlane, namespace: str, claim: str, make_claim: bool = True
             "accessModes": ["ReadWriteOnce"],
             "storageClassName": "",
             "persistentVolumeReclaimPolicy": "Retain",
-            "hostPath": {"path": f"/tmp/amxtune-test-pv/{namespace}/{claim}"},
+            "hostPath": {"path": str(host_path or f"/tmp/amxtune-test-pv/{namespace}/{claim}")},
             "claimRef": {"namespace": namespace, "name": claim},
         },
     }

@@ -148,6 +148,8 @@ def run_operator(
         log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.PLAIN,
     )
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # one "Handler ... succeeded" line per watch event drowns our own lines
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if not namespaces and not all_namespaces:
         watched = os.environ.get("AMXTUNE_WATCH_NAMESPACES", "").strip()
         namespaces = [n for n in watched.split(",") if n] or None
