@@ -177,10 +177,10 @@ def _name(common_name: str, organizations: Sequence[str] = ()) -> x509.Name:
 class _CertificateAuthority:
     """A throw-away CA for one control-plane run."""
 
-    def __init__(self) -> None:
+    def __init__(self, common_name: str = "amxtune-test-ca") -> None:
         self.key = _new_key()
         now = dt.datetime.now(dt.UTC)
-        name = _name("amxtune-test-ca")
+        name = _name(common_name)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -304,7 +304,6 @@ class NodeSpec:
                 "labels": labels,
                 "annotations": {
                     KWOK_NODE_ANNOTATION[0]: KWOK_NODE_ANNOTATION[1],
-                    "node.alpha.kubernetes.io/ttl": "0",
                 },
             },
             "spec": {"taints": list(self.taints)} if self.taints else {},
@@ -487,19 +486,25 @@ class ControlPlane:
         if self.workdir is None:
             return None
         kept: Path | None = None
-        if keep_logs:
-            with contextlib.suppress(Exception):
-                self._dump_cluster_state()
-        for comp in reversed(self._components):
-            self._terminate(comp)
-        if keep_logs and self.log_dir.exists():
-            kept = logs_dir or _default_kept_logs_dir()
-            kept.mkdir(parents=True, exist_ok=True)
-            for item in self.log_dir.iterdir():
-                shutil.copy2(item, kept / item.name)
-        self._components.clear()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        self.workdir = None
+        try:
+            if keep_logs:
+                with contextlib.suppress(Exception):
+                    self._dump_cluster_state()
+            for comp in reversed(self._components):
+                try:
+                    self._terminate(comp)
+                except Exception as exc:  # keep stopping the others
+                    print(f"could not stop {comp.name}: {exc!r}", file=sys.stderr)
+            if keep_logs and self.log_dir.exists():
+                kept = logs_dir or _default_kept_logs_dir()
+                try:
+                    shutil.copytree(self.log_dir, kept, dirs_exist_ok=True, symlinks=True)
+                except (OSError, shutil.Error) as exc:
+                    print(f"could not copy all logs to {kept}: {exc!r}", file=sys.stderr)
+        finally:
+            self._components.clear()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
         return kept
 
     @staticmethod
@@ -543,6 +548,13 @@ class ControlPlane:
             ip_addresses=[LOOPBACK, "10.96.0.1"],
         )
         files["apiserver.crt"], files["apiserver.key"] = serving.cert_pem, serving.key_pem
+        # Front proxy (aggregation layer): lets kube-controller-manager and kube-scheduler
+        # find the request-header CA they expect in extension-apiserver-authentication.
+        front_ca = _CertificateAuthority("amxtune-test-front-proxy-ca")
+        front_client = front_ca.issue("front-proxy-client")
+        files["front-proxy-ca.crt"] = front_ca.pair.cert_pem
+        files["front-proxy-client.crt"] = front_client.cert_pem
+        files["front-proxy-client.key"] = front_client.key_pem
         sa_key = _new_key()
         files["sa.key"] = _key_pem(sa_key)
         files["sa.pub"] = sa_key.public_key().public_bytes(
@@ -667,6 +679,13 @@ class ControlPlane:
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
                 "--authorization-mode=Node,RBAC",
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",

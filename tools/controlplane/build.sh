@@ -16,6 +16,9 @@
 #   BUILD_JOBS      go build -p (default: number of CPUs)
 #   FORCE_REBUILD=1 rebuild even when the cache is complete
 set -euo pipefail
+# The whole script is one { ... } block so bash parses it before running it: editing
+# this file while a build runs cannot break that build.
+{
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
@@ -30,12 +33,17 @@ cache_root="${AMXTUNE_CACHE:-$HOME/.cache/amxtune}"
 dest_root="$cache_root/k8s-$K8S_VERSION"
 dest="$dest_root/bin"
 
-# The stamp names every input that decides what the binaries are.
+# The stamp names every input that decides what the binaries are: the versions,
+# the wrapper modules, and this script without its comment lines (so editing a
+# comment does not force a rebuild).
 stamp_text() {
     printf 'K8S_VERSION=%s\nETCD_VERSION=%s\nKWOK_VERSION=%s\nHELM_VERSION=%s\n' \
         "$K8S_VERSION" "$ETCD_VERSION" "$KWOK_VERSION" "$HELM_VERSION"
-    (cd "$here" && cat build.sh modules/*/go.mod modules/*/go.sum modules/*/*.go 2>/dev/null) \
-        | sha256sum | awk '{print "inputs=" $1}'
+    (
+        cd "$here"
+        grep -v '^[[:space:]]*#' build.sh
+        cat modules/*/go.mod modules/*/go.sum modules/*/*.go
+    ) | sha256sum | awk '{print "inputs=" $1}'
 }
 
 cache_complete() {
@@ -52,6 +60,22 @@ if [[ "${FORCE_REBUILD:-0}" != 1 ]] && cache_complete; then
     exit 0
 fi
 
+# One build at a time per cache (parallel test runs, CI jobs sharing a cache):
+# wait for a running build, then look again.
+mkdir -p "$cache_root"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$cache_root/.build-k8s-$K8S_VERSION.lock"
+    if ! flock -n 9; then
+        log "another build is running; waiting for it"
+        flock 9
+    fi
+    if [[ "${FORCE_REBUILD:-0}" != 1 ]] && cache_complete; then
+        log "cache complete: $dest"
+        echo "$dest"
+        exit 0
+    fi
+fi
+
 # --- Go toolchain ---------------------------------------------------------
 GO="${GO:-}"
 if [[ -z "$GO" ]]; then
@@ -62,7 +86,7 @@ if [[ -z "$GO" ]]; then
     fi
 fi
 if [[ -z "$GO" ]] || ! "$GO" version >/dev/null 2>&1; then
-    die "no Go toolchain found (need Go >= 1.26 on PATH, at /usr/local/go/bin/go, or in \$GO). \
+    die "no working Go toolchain found${GO:+ ($GO)} (need Go >= 1.26 on PATH, at /usr/local/go/bin/go, or in \$GO). \
 The control plane for the cluster tests is built from Go modules; install Go and retry."
 fi
 go_version="$("$GO" env GOVERSION)"
@@ -76,7 +100,6 @@ export CGO_ENABLED=0       # static binaries, no C compiler needed
 export GOFLAGS="-trimpath -mod=readonly"
 jobs="${BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 
-mkdir -p "$cache_root"
 work="$(mktemp -d "$cache_root/.build-k8s-$K8S_VERSION.XXXXXX")"
 cleanup() { rm -rf "$work"; }
 trap cleanup EXIT
@@ -131,3 +154,5 @@ fi
 mv "$out" "$dest"
 log "done in $(( SECONDS - start ))s: $dest"
 echo "$dest"
+exit 0
+}
