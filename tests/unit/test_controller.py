@@ -262,6 +262,24 @@ def test_a_failed_worker_restarts_all_then_fails_after_backoff_limit(world):
     assert kube.pods() == [p for p in kube.pods() if p["status"]["phase"] == "Failed"]
 
 
+def test_a_trainer_input_error_fails_at_once_without_restarts(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example(backoffLimit=3))
+    ftj.reconcile("ns", "dicoo")
+    kube.set_pod("dicoo-worker-0", "Failed", exit_code=1)  # torchrun's code for a failed rank
+    kube.logs["dicoo-worker-0"] = (
+        "amxtune-train textual-inversion: error: placeholder token 'toy' is already in the "
+        "vocabulary; choose a new token such as '<toy>'\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
+    )
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Failed" and status.get("restarts", 0) == 0
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "InvalidInput"
+    assert "placeholder token 'toy' is already in the vocabulary" in stalled["message"]
+
+
 def test_success_creates_the_inference_job_then_succeeds_with_it(world):
     kube, _clock, ftj, infj = world
     kube.put(example())

@@ -9,6 +9,7 @@ deterministic so nothing is created twice.
 from __future__ import annotations
 
 import logging
+import re
 
 from pydantic import ValidationError
 
@@ -32,6 +33,14 @@ from amxtune.render.inferencejob import inference_job_for
 
 log = logging.getLogger("amxtune.finetunejob")
 KIND = "FineTuneJob"
+# How the trainer reports a problem with its input (amxtune_trainer.cli): one line, exit 2.
+TRAINER_INPUT_ERROR = re.compile(r"^amxtune-train [\w-]+: error: (.+)$", re.MULTILINE)
+
+
+def trainer_input_error(log_text: str) -> str | None:
+    """The trainer's one-line input error in a log, if the worker died of one."""
+    found = TRAINER_INPUT_ERROR.findall(log_text)
+    return found[-1].strip() if found else None
 
 
 class FineTuneJobController(Reconciler):
@@ -301,6 +310,10 @@ class FineTuneJobController(Reconciler):
         for other in current:
             if not other.finished and not other.deleting:
                 self.kube.delete("Pod", job.namespace, other.name)
+        rejected = trainer_input_error(tail)
+        if rejected:  # bad input fails the same way on every attempt: do not restart
+            self._fail(run, "InvalidInput", f"{what}: {rejected}")
+            return
         restarts = status.get("restarts", 0)
         if restarts < spec.backoff_limit:
             status["restarts"] = restarts + 1
