@@ -35,6 +35,10 @@ CASES = {
     "unknown-hub-model-offline": (make_images, ["--model", "nobody/no-such-model"],
                                   "nobody/no-such-model"),
     "resume-path-without-checkpoint": (make_images, "checkpointless", "no checkpoint found"),
+    "missing-initial-embedding": (make_images, ["--initial-embedding", "/nonexistent/e.pt"],
+                                  "initial embedding file"),
+    "ipex-not-importable": (make_images, ["--accelerator", "ipex"],
+                            "intel_extension_for_pytorch"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ def test_two_ranks_end_with_identical_embeddings_and_report_allreduced_bytes(
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
     digests = metrics["rank_embedding_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    cores = metrics["cores_per_rank"]
+    if len(os.sched_getaffinity(0)) >= 2:  # each rank pinned to its own share of the CPU set
+        assert cores[0] and cores[1] and not set(cores[0]) & set(cores[1])
     # Only the new vectors' gradient (3 x 32 fp32) plus the loss crosses between ranks.
     assert metrics["allreduce_bytes_per_step"] == (3 * 32 + 1) * 4
     # Only rank 0 reports progress: one line per step, not two.

@@ -195,6 +195,12 @@ class Trainer:
         state = load_state(resume) if (self.info.is_main and resume is not None) else None
         state = distributed.broadcast_object(self.info, state)
         if state is not None:
+            saved = (state.get("placeholder_token"), state.get("num_vectors"))
+            if saved != (self.ti.placeholder_token, self.ti.num_vectors):
+                raise UserError(
+                    f"checkpoint {resume or 'on rank 0'} learns {saved[0]!r} with {saved[1]} "
+                    f"vectors, not {self.ti.placeholder_token!r} with {self.ti.num_vectors}"
+                )
             init_vectors = state["vectors"]
         seed = self.opt.seed
         if seed is None:
@@ -516,7 +522,7 @@ class Trainer:
             self.vectors.detach().float().contiguous().numpy().tobytes()
         ).hexdigest()
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        gathered = all_gather_object(self.info, (digest, rss_mb, self.step_seconds))
+        gathered = all_gather_object(self.info, (digest, rss_mb, list(self.info.cores)))
         if not self.info.is_main:
             return
         digests = [g[0] for g in gathered]
@@ -554,6 +560,7 @@ class Trainer:
             "allreduce_bytes_per_step": self.allreduce.bytes_per_step,
             "rank_embedding_sha256": digests,
             "peak_rss_mb_per_rank": [round(g[1], 1) for g in gathered],
+            "cores_per_rank": [g[2] for g in gathered],
             "step_seconds": [round(s, 4) for s in self.step_seconds],
             "learning_rate": self.lr,
             "seed": self.seed,
