@@ -23,8 +23,11 @@ kubeconfig path and keeps running until Ctrl-C.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
 import ipaddress
 import json
@@ -462,6 +465,7 @@ class ControlPlane:
         bin_dir = self.bin_dir  # builds first, outside the start deadline
         self.started_at = time.monotonic()
         self.workdir = Path(tempfile.mkdtemp(prefix="amxtune-cp-", dir=self._workdir_parent))
+        atexit.register(self.stop)
         try:
             self._write_pki_and_kubeconfigs()
             self._start_etcd(bin_dir)
@@ -502,6 +506,7 @@ class ControlPlane:
                 except (OSError, shutil.Error) as exc:
                     print(f"could not copy all logs to {kept}: {exc!r}", file=sys.stderr)
         finally:
+            atexit.unregister(self.stop)
             self._components.clear()
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -620,6 +625,7 @@ class ControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self._work(),
                 start_new_session=True,  # Ctrl-C in a terminal goes to pytest, not here
+                preexec_fn=_die_with_parent,
             )
         self._components.append(comp)
         return comp
@@ -1104,6 +1110,14 @@ class ControlPlane:
                 )
             )
         return specs
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the Python process dies, so a killed
+    test run (CI timeout, SIGKILL) leaves no component behind. Linux only."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _tail(path: Path, lines: int = 30) -> str:
