@@ -1,6 +1,6 @@
 """pytest fixtures for tests that need the control plane.
 
-A conftest.py uses them by importing the names::
+tests/conftest.py makes them available to every tier by importing the names::
 
     from tests.support.fixtures import control_plane, namespace, pytest_terminal_summary
 
