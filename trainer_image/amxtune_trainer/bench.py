@@ -91,7 +91,6 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
 
 def count_step_flops(model: str, resolution: int, workdir: Path) -> float:
     """FLOPs of one training step (forward + backward), counted in fp32 in this process."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from amxtune_trainer import distributed, options
@@ -106,8 +105,6 @@ def count_step_flops(model: str, resolution: int, workdir: Path) -> float:
     trainer.prepare()
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(1)
-    del trainer
-    torch.manual_seed(0)
     return float(counter.get_total_flops())
 
 
@@ -173,7 +170,17 @@ def same_learning(steps: int, workdir: Path) -> list[dict]:
             trainer.prepare()
             losses.append(trainer.eval_loss())
         rows.append({"variant": label, "eval_loss_before": losses[0],
-                     "eval_loss_after": losses[1], "steps": steps})
+                     "eval_loss_after": losses[1], "steps": steps,
+                     "embeds": str(out / "learned_embeds.safetensors")})
+    import torch
+    from safetensors.torch import load_file
+
+    fast, slow = (next(iter(load_file(r["embeds"]).values())) for r in rows)
+    initial = trainer.embedding.base.weight[  # the initializer row both started from
+        trainer.tokenizer.encode("toy", add_special_tokens=False)[0]].float()
+    cosine = torch.nn.functional.cosine_similarity(fast - initial, slow - initial, dim=-1)
+    for row in rows:
+        row["update_cosine_fast_vs_fp32"] = float(cosine.min())
     return rows
 
 
@@ -189,11 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops", action="store_true", help="count FLOPs, compare to peak")
     parser.add_argument("--same-learning", type=int, metavar="STEPS", default=0,
                         help="also compare learning with and without the speed-ups")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="skip the speed runs (e.g. with --same-learning only)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     parser.add_argument("trainer_flags", nargs=argparse.REMAINDER,
                         help="after --: extra flags for the trainer (e.g. -- --torch-compile)")
+    parser.add_argument("--count-flops", nargs=2, metavar=("MODEL", "RESOLUTION"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.count_flops:
+        model, resolution = args.count_flops[0], int(args.count_flops[1])
+        print(count_step_flops(model, resolution, Path(args.workdir or tempfile.mkdtemp())))
+        return 0
     extra = [f for f in args.trainer_flags if f != "--"]
     context = (tempfile.TemporaryDirectory(prefix="amxtune-bench-") if not args.workdir
                else None)
@@ -201,29 +216,36 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     from amxtune_trainer.builtin.models import ensure_builtin_model
 
-    for model in args.model:
+    for model in ["tiny"] if args.no_timing else args.model:
         ensure_builtin_model(model)
     results, flops = [], {}
     print(f"# load average before: {os.getloadavg()[0]:.2f}; cores: "
           f"{len(os.sched_getaffinity(0))}", flush=True)
-    for model, resolution, precision, ranks in itertools.product(
-            args.model, args.resolution, args.precision, args.ranks):
+    grid = [] if args.no_timing else list(itertools.product(
+        args.model, args.resolution, args.precision, args.ranks))
+    for model, resolution, precision, ranks in grid:
         row = run_config(model, resolution, precision, ranks, args.steps, args.warmup,
                          workdir, extra)
         if args.flops:
             key = (model, resolution)
-            if key not in flops:
-                flops[key] = count_step_flops(model, resolution, workdir)
+            if key not in flops:  # in a child process: keeps this one small
+                counted = subprocess.run(
+                    [sys.executable, "-m", "amxtune_trainer.bench", "--count-flops", model,
+                     str(resolution), "--workdir", str(workdir)],
+                    capture_output=True, text=True, check=True,
+                )
+                flops[key] = float(counted.stdout.strip().splitlines()[-1])
             row["step_gflop"] = flops[key] / 1e9
             row["achieved_tflops"] = flops[key] * ranks / row["seconds_per_step"] / 1e12
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    header = ("| model | px | precision | ranks | s/step (median) | samples/s | peak RSS MB/rank "
-              "| all-reduced B/step | load 1m before→after |")
+    header = ("| model | px | precision | ranks | s/step (median) | samples/s "
+              "| peak RSS MB/rank | all-reduced B/step | load 1m before→after |")
     if args.flops:
         header += " GFLOP/step | TFLOP/s |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    if results:
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
     for r in results:
         line = (f"| {r['model']} | {r['resolution']} | {r['precision']} | {r['ranks']} | "
                 f"{r['seconds_per_step']:.3f} | {r['samples_per_second']:.3f} | "
@@ -233,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             line += f" {r['step_gflop']:.0f} | {r['achieved_tflops']:.3f} |"
         print(line)
     extras: dict = {"results": results}
-    if args.flops:
+    if args.flops and results:
         peak, how = amx_theoretical_peak()
         matmul = measure_matmul_peak()
         extras.update(amx_peak_tflops=peak / 1e12, amx_peak_how=how,
@@ -246,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| tiny, 64 px | eval loss before | eval loss after |")
         print("|---|---|---|")
         for row in rows:
-            print(f"| {row['variant']} ({row['steps']} steps) | {row['eval_loss_before']:.5f} "
-                  f"| {row['eval_loss_after']:.5f} |")
+            print(f"| {row['variant']} ({row['steps']} steps) | {row['eval_loss_before']:.6f} "
+                  f"| {row['eval_loss_after']:.6f} |")
+        print(f"cosine between the two runs' embedding updates: "
+              f"{rows[0]['update_cosine_fast_vs_fp32']:.4f}")
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(extras, indent=2) + "\n")

@@ -74,6 +74,18 @@ def train(config) -> int:
     return 0
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited
+    from the parent across fork+exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _seed_for(*parts: int) -> int:
     digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -130,7 +142,11 @@ class Trainer:
             path = models.resolve_model_path(
                 self.config.pretrained_model_name_or_path, self.config.revision
             )
-            components = models.load_components(path)
+            import torch
+
+            components = models.load_components(
+                path, torch.bfloat16 if self.opt.mixed_precision == "bf16" else None
+            )
             tokenizer = components.tokenizer
             init_ids = None
             if not self.ti.initial_embedding:
@@ -521,7 +537,7 @@ class Trainer:
         digest = hashlib.sha256(
             self.vectors.detach().float().contiguous().numpy().tobytes()
         ).hexdigest()
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = peak_rss_mb()
         gathered = all_gather_object(self.info, (digest, rss_mb, list(self.info.cores)))
         if not self.info.is_main:
             return
