@@ -78,6 +78,10 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or queried."""
 
 
+class ComponentDied(ControlPlaneError):
+    """A control-plane process exited; waiting any longer is pointless."""
+
+
 class KubectlError(ControlPlaneError):
     """kubectl exited non-zero; `stderr` holds the apiserver's message."""
 
@@ -353,8 +357,9 @@ def wait_for(
 ) -> T:
     """Call `condition` until it returns something truthy and return that value.
 
-    Exceptions from `condition` count as "not yet"; the last one is reported when the
-    deadline passes, in a `TimeoutError` naming `what`.
+    Exceptions from `condition` count as "not yet" (except `ComponentDied`, raised at
+    once); the last one is reported when the deadline passes, in a `TimeoutError`
+    naming `what`.
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -364,6 +369,8 @@ def wait_for(
             last_value = condition()
             if last_value:
                 return last_value
+        except ComponentDied:
+            raise
         except Exception as exc:  # the condition decides what counts as "not yet"
             last_error = exc
         if time.monotonic() >= deadline:
@@ -634,7 +641,7 @@ class ControlPlane:
         for comp in self._components:
             if comp.process is not None and comp.process.poll() is not None:
                 tail = _tail(comp.log_path)
-                raise ControlPlaneError(
+                raise ComponentDied(
                     f"{comp.name} exited with code {comp.process.returncode}; "
                     f"log {comp.log_path}:\n{tail}"
                 )
