@@ -223,6 +223,8 @@ def test_missing_secret_blocks_and_creates_no_pods(crds, operator, namespace):
     ("change", "expected"),
     [
         ({"workers": {"nodes": 0}}, "spec.workers.nodes"),
+        ({"training": {"resolution": 500}}, "spec.training.resolution"),
+        ({"export": {"prompts": ["a", "b", "c"], "openvino": {"batchSize": 2}}}, "batch size"),
         ({"model": {"name": "tiny", "pvc": {"claimName": "m"}}}, "set exactly one of name and pvc"),
         ({"training": {"lrScheduler": "warp"}}, "spec.training.lrScheduler"),
         ({"textualInversion": {"initializerToken": "toy"}}, "placeholderToken"),

@@ -20,7 +20,8 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from amxtune.api.base import ApiModel
+from amxtune.api.base import ApiModel, cel
+from amxtune.api.training import MULTIPLE_OF_8
 
 
 class WeightFormat(StrEnum):
@@ -36,10 +37,12 @@ class OpenVINOExportOptions(ApiModel):
         default=1, ge=1, le=64, description="Prompts rendered per pipeline call (static)."
     )
     height: int = Field(
-        default=512, ge=64, le=2048, description="Image height in pixels; a multiple of 8."
+        default=512, ge=64, le=2048, description="Image height in pixels; a multiple of 8.",
+        json_schema_extra=MULTIPLE_OF_8,
     )
     width: int = Field(
-        default=512, ge=64, le=2048, description="Image width in pixels; a multiple of 8."
+        default=512, ge=64, le=2048, description="Image width in pixels; a multiple of 8.",
+        json_schema_extra=MULTIPLE_OF_8,
     )
     num_images_per_prompt: int = Field(
         default=1, ge=1, le=16, description="Images rendered for each prompt per call (static)."
@@ -101,6 +104,12 @@ class GenerationOptions(ApiModel):
 class ExportSpec(GenerationOptions):
     """`spec.export` of a FineTuneJob (and the work of an InferenceJob): export the result to
     OpenVINO with `openvino`, then render `prompts` with it into samples/."""
+
+    model_config = cel(
+        "size(self.prompts) % self.openvino.batchSize == 0",
+        "the number of prompts must be a multiple of openvino.batchSize: prompts are rendered "
+        "in groups of batch size",
+    )
 
     openvino: OpenVINOExportOptions = Field(
         default_factory=OpenVINOExportOptions,

@@ -12,6 +12,8 @@ from pydantic import Field, field_validator
 
 from amxtune.api.base import ApiModel
 
+# The CRD checks it too (the validator below gives the clearer message in Python).
+MULTIPLE_OF_8 = {"multipleOf": 8}
 DEFAULT_IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp"]
 
 
@@ -83,6 +85,7 @@ class TrainingOptions(ApiModel):
     resolution: int = Field(
         default=512, ge=8, le=2048,
         description="Training image size in pixels (square); a multiple of 8.",
+        json_schema_extra=MULTIPLE_OF_8,
     )
     center_crop: bool = Field(default=False, description="Center-crop instead of resizing.")
     random_flip: bool = Field(default=False, description="Randomly flip images horizontally.")
