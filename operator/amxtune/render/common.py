@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from amxtune import names
-from amxtune.api.kube import Resources
+from amxtune.api.kube import Resources, Toleration
 from amxtune.settings import Settings
 
 API_VERSION = f"{names.GROUP}/v1alpha1"
@@ -76,3 +76,31 @@ def volume_for_pvc(name: str, claim: str, read_only: bool = False) -> dict:
     if read_only:
         source["readOnly"] = True
     return {"name": name, "persistentVolumeClaim": source}
+
+
+# Every container amxtune runs: no privilege escalation, no capabilities.
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def pod(
+    meta: dict,
+    pod_spec: dict,
+    settings: Settings,
+    node_selector: dict[str, str],
+    tolerations: list[Toleration],
+) -> dict:
+    """A run-once pod without API credentials, non-root, with the user's scheduling hints."""
+    spec: dict = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        **pod_spec,
+        "securityContext": pod_security(settings),
+    }
+    for container in spec["containers"]:
+        container["securityContext"] = dict(CONTAINER_SECURITY)
+    if node_selector:
+        spec["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        spec["tolerations"] = [t.to_wire() for t in tolerations]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}

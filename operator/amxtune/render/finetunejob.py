@@ -14,7 +14,7 @@ from amxtune.render.common import (
     JobIdentity,
     RenderError,
     object_meta,
-    pod_security,
+    pod,
     resource_list,
     volume_for_pvc,
 )
@@ -280,39 +280,25 @@ def render_worker(
     meta["labels"][names.RANK_LABEL] = str(node_rank)
     meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
     image = spec.runtime.image or settings.trainer_image
-    pod_spec: dict = {
-        "restartPolicy": "Never",
+    container = {
+        "name": "trainer",
+        "image": image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "command": worker_command(spec, node_rank),
+        "env": rank_environment(job, spec, settings, node_rank),
+        "resources": resource_list(spec.workers.resources),
+        "volumeMounts": mounts,
+    }
+    if node_rank == 0:
+        container["ports"] = [{"name": "rendezvous", "containerPort": spec.runtime.master_port}]
+    pod_spec = {
         "hostname": names.worker(job.name, node_rank),
         "subdomain": names.service(job.name),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
         "affinity": _affinity(job, spec, settings),
-        "securityContext": pod_security(settings),
-        "containers": [
-            {
-                "name": "trainer",
-                "image": image,
-                "imagePullPolicy": spec.runtime.image_pull_policy,
-                "command": worker_command(spec, node_rank),
-                "env": rank_environment(job, spec, settings, node_rank),
-                "resources": resource_list(spec.workers.resources),
-                "volumeMounts": mounts,
-                "ports": [{"name": "rendezvous", "containerPort": spec.runtime.master_port}]
-                if node_rank == 0
-                else [],
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"drop": ["ALL"]},
-                },
-            }
-        ],
+        "containers": [container],
         "volumes": volumes,
     }
-    if spec.workers.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.workers.node_selector)
-    if spec.workers.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in spec.workers.tolerations]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    return pod(meta, pod_spec, settings, spec.workers.node_selector, spec.workers.tolerations)
 
 
 def render_finetunejob(

@@ -11,7 +11,7 @@ from amxtune.api.inferencejob import InferenceJobSpec, InferenceTask
 from amxtune.render.common import (
     JobIdentity,
     object_meta,
-    pod_security,
+    pod,
     resource_list,
     volume_for_pvc,
 )
@@ -91,38 +91,20 @@ def render_inferencejob(
     env += [{"name": e.name, "value": e.value} for e in spec.runtime.env]
     meta = object_meta(job, names.export_pod(job.name), "export")
     meta["labels"][names.ATTEMPT_LABEL] = str(attempt)
-    pod_spec: dict = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod_security(settings),
-        "containers": [
-            {
-                "name": "export",
-                "image": spec.runtime.image or settings.trainer_image,
-                "imagePullPolicy": spec.runtime.image_pull_policy,
-                "command": [
-                    "python", "-m", "amxtune_trainer", "inference",
-                    f"--config={CONFIG_MOUNT}/{TASK_FILE}",
-                ],
-                "env": env,
-                "resources": resource_list(spec.runtime.resources),
-                "volumeMounts": mounts,
-                "securityContext": {
-                    "allowPrivilegeEscalation": False,
-                    "capabilities": {"drop": ["ALL"]},
-                },
-            }
+    container = {
+        "name": "export",
+        "image": spec.runtime.image or settings.trainer_image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "command": [
+            "python", "-m", "amxtune_trainer", "inference", f"--config={CONFIG_MOUNT}/{TASK_FILE}",
         ],
-        "volumes": volumes,
+        "env": env,
+        "resources": resource_list(spec.runtime.resources),
+        "volumeMounts": mounts,
     }
-    if spec.runtime.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.runtime.node_selector)
-    if spec.runtime.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in spec.runtime.tolerations]
-    return InferenceJobObjects(
-        config_map, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
-    )
+    export_pod = pod(meta, {"containers": [container], "volumes": volumes}, settings,
+                     spec.runtime.node_selector, spec.runtime.tolerations)
+    return InferenceJobObjects(config_map, export_pod)
 
 
 def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str) -> dict:
