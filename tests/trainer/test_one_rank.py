@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -56,6 +57,11 @@ def test_output_folder_has_every_file(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["world_size"] == 1
     assert metrics["allreduce_bytes_per_step"] == 0
+    from amxtune_trainer.textual_inversion import find_allocator
+
+    if find_allocator() and not os.environ.get("LD_PRELOAD"):  # the trainer preloaded it
+        assert find_allocator() in metrics["ld_preload"]
+    assert metrics["omp_wait_policy"]
 
 
 def test_frozen_rows_stay_bit_identical_and_new_rows_are_the_learned_vectors(trained,
