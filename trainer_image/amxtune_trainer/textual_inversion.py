@@ -6,7 +6,9 @@ How a step is made cheap (see docs/performance.md):
 - the VAE runs once per image and flip variant at start; its latent distribution (mean, std)
   is kept and sampled per step as the reference script does after encoding every step;
 - bf16: the frozen UNet/VAE/text encoder weights are stored in bfloat16 (oneDNN uses AMX) and
-  run under CPU autocast; channels_last for the UNet; PyTorch SDPA attention;
+  run under CPU autocast; channels_last for the UNet; PyTorch SDPA attention; the UNet's
+  convolution weights are packed once for oneDNN instead of reordered on every call
+  (fastconv.py);
 - ranks all-reduce only the vectors' gradient (and the loss) once per optimizer step.
 
 Every random draw of a step (images, templates, flips, timesteps, noise) derives from
@@ -253,6 +255,11 @@ class Trainer:
             self.text_encoder = ipex.optimize(
                 self.text_encoder, dtype=self.weight_dtype, inplace=True
             )
+        self.packed_convolutions = 0
+        if self.bf16 and self.rt.accelerator == "none" and not self.rt.torch_compile:
+            from amxtune_trainer.fastconv import pack_frozen_convolutions
+
+            self.packed_convolutions = pack_frozen_convolutions(self.unet)
         self.unet_forward = self.unet
         if self.rt.torch_compile:
             self.unet_forward = torch.compile(self.unet)
@@ -624,6 +631,7 @@ class Trainer:
             "backend": self.info.backend,
             "threads_per_rank": self.info.threads,
             "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "packed_convolutions": self.packed_convolutions,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "allreduce_bytes_per_step": self.allreduce.bytes_per_step,
             "rank_embedding_sha256": digests,

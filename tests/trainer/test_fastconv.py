@@ -1,0 +1,73 @@
+"""Pre-packed frozen convolutions give bit-identical outputs and input gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "size"),
+                         [(3, 1, 1, 12), (3, 2, 1, 12), (3, 2, 1, 11), (1, 1, 0, 9)])
+def test_packed_conv_matches_eager(kernel, stride, padding, size):
+    from amxtune_trainer.fastconv import _ops_available, pack_frozen_convolutions
+
+    if not _ops_available():
+        pytest.skip("oneDNN ops not in this torch build")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, kernel, stride, padding))
+    model = model.to(torch.bfloat16).requires_grad_(False)
+    packed = copy.deepcopy(model)
+    assert pack_frozen_convolutions(packed) == 1
+    x = torch.randn(2, 16, size, size, dtype=torch.bfloat16)
+    grad = None
+    results = []
+    for net in (model, packed):
+        inp = x.clone().requires_grad_(True)
+        out = net(inp)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        out.backward(grad)
+        results.append((out.detach(), inp.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    with torch.no_grad():  # other batch sizes (validation) work too
+        assert torch.equal(model(x[:1]), packed(x[:1]))
+
+
+def test_only_frozen_bf16_convolutions_are_packed():
+    from amxtune_trainer.fastconv import _ops_available, pack_frozen_convolutions
+
+    if not _ops_available():
+        pytest.skip("oneDNN ops not in this torch build")
+    fp32 = torch.nn.Conv2d(4, 4, 3).requires_grad_(False)
+    trainable = torch.nn.Conv2d(4, 4, 3).to(torch.bfloat16)
+    grouped = torch.nn.Conv2d(4, 4, 3, groups=2).to(torch.bfloat16).requires_grad_(False)
+    assert pack_frozen_convolutions(torch.nn.Sequential(fp32, trainable, grouped)) == 0
+
+
+def test_tiny_unet_is_bit_identical_with_packed_convolutions(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    from amxtune_trainer.fastconv import _ops_available, pack_frozen_convolutions
+
+    if not _ops_available():
+        pytest.skip("oneDNN ops not in this torch build")
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet",
+                                                torch_dtype=torch.bfloat16)
+    unet = unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    packed = copy.deepcopy(unet)
+    assert pack_frozen_convolutions(packed) > 10
+    x = torch.randn(1, 4, 8, 8).to(torch.bfloat16)
+    outs = []
+    for net in (unet, packed):
+        hidden = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0))
+        hidden = hidden.to(torch.bfloat16).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, torch.tensor([500]), hidden).sample
+        out.float().pow(2).mean().backward()
+        outs.append((out.detach(), hidden.grad))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
