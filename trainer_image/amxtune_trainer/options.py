@@ -73,6 +73,8 @@ def _add_field(group, section: str, name: str, field) -> None:
     dest = f"{section}{DEST_SEP}{name}" if section else name
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
     help_text = (field.description or "").replace("%", "%%")
+    if annotation is bool:
+        help_text = f"{help_text} [--no-{name.replace('_', '-')} to turn off]".strip()
     default = field.get_default(call_default_factory=True)
     if default is not None and default is not ... and not field.is_required():
         shown = default.value if isinstance(default, enum.Enum) else default
@@ -81,7 +83,9 @@ def _add_field(group, section: str, name: str, field) -> None:
         help_text = f"{help_text} (required)".strip()
     kwargs["help"] = help_text
     if annotation is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs["action"] = "store_true"
+        group.add_argument(f"--no-{name.replace('_', '-')}", dest=dest, action="store_false",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         kwargs["choices"] = [m.value for m in annotation]
     elif typing.get_origin(annotation) is list:
@@ -97,7 +101,12 @@ def _add_field(group, section: str, name: str, field) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add --config and one flag per option field (dash and underscore spellings)."""
+    """Add --config and one flag per option field (dash and underscore spellings).
+
+    Booleans are `--flag` / `--no-flag`. Every flag's default is "not given", so that a value
+    from --config is only overridden by flags that are actually on the command line.
+    """
+    parser.usage = f"{parser.prog} [--config FILE] [--model MODEL] [OPTIONS]"
     parser.add_argument(
         "--config", metavar="FILE",
         help="JSON or YAML file with the options (camelCase or snake_case); flags override it",
