@@ -70,3 +70,34 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, 
     assert resumed_m["resumed_from_step"] == 4
     assert [h["step"] for h in resumed_m["history"]] == list(range(1, 9))
     assert resumed_m["final_loss"] == pytest.approx(whole_m["final_loss"], rel=1e-5)
+
+
+def test_two_ranks_started_like_mpirun_with_pmi_variables(tmp_path, tiny_model, concept_dir):
+    """Intel MPI gives PMI_RANK/PMI_SIZE/MPI_LOCALRANKID; rank 1 gets no data folder."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    processes = []
+    for rank in (0, 1):
+        env = trainer_env(PMI_RANK=str(rank), PMI_SIZE="2", MPI_LOCALRANKID=str(rank),
+                          MPI_LOCALNRANKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            env.pop(name, None)
+        data = str(concept_dir) if rank == 0 else str(tmp_path / "no-data-on-this-node")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "amxtune_trainer", "textual-inversion", *BASE_ARGS,
+             "--train-data-dir", data, "--output-dir", str(out), "--max-train-steps", "3",
+             "--seed", "2", "--learning-rate", "0.05"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], results[0][1][-2000:]
+    assert results[1][0] == ""  # only rank 0 reports
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["rank_embedding_sha256"][0] == metrics["rank_embedding_sha256"][1]
+    assert metrics["allreduce_bytes_per_step"] == (32 + 1) * 4
