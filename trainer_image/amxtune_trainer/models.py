@@ -28,6 +28,8 @@ PIPELINE_PATTERNS = [
     "vae/*.safetensors",
     "feature_extractor/*",
 ]
+# Variants a hub pipeline often carries beside the main weights: not needed, gigabytes each.
+IGNORE_PATTERNS = ["*.fp16.*", "*.non_ema.*", "*.ema.*", "*.ckpt", "*.onnx", "*.msgpack"]
 
 
 def _looks_like_path(name: str) -> bool:
@@ -68,7 +70,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=PIPELINE_PATTERNS)
+            snapshot_download(repo_id, revision=revision, allow_patterns=PIPELINE_PATTERNS,
+                              ignore_patterns=IGNORE_PATTERNS)
         )
     except HFValidationError:
         raise UserError(
