@@ -11,15 +11,11 @@ override it. Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
-import enum
 import json
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic.alias_generators import to_snake
+from pydantic import BaseModel
 
 from amxtune.api.training import (
     TextualInversionOptions,
@@ -28,6 +24,14 @@ from amxtune.api.training import (
     TrainingOptions,
 )
 from amxtune_trainer.errors import UserError
+from amxtune_trainer.model_flags import (
+    add_model_flags,
+    flag_names,
+    is_model,
+    unwrap_optional,
+    validate,
+    values_from_args,
+)
 
 # Section name in TrainerConfig -> its model; "" is the top level.
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -52,52 +56,8 @@ IGNORED_REFERENCE_FLAGS = {
 DEST_SEP = "__"
 
 
-def _flag_names(name: str) -> list[str]:
-    dashed, underscored = f"--{name.replace('_', '-')}", f"--{name}"
-    return [dashed] if dashed == underscored else [dashed, underscored]
-
-
-def _unwrap_optional(annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return _unwrap_optional(args[0])
-    if origin is typing.Annotated:
-        return _unwrap_optional(typing.get_args(annotation)[0])
-    return annotation
-
-
-def _add_field(group, section: str, name: str, field) -> None:
-    annotation = _unwrap_optional(field.annotation)
-    dest = f"{section}{DEST_SEP}{name}" if section else name
-    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
-    help_text = (field.description or "").replace("%", "%%")
-    if annotation is bool:
-        help_text = f"{help_text} [--no-{name.replace('_', '-')} to turn off]".strip()
-    default = field.get_default(call_default_factory=True)
-    if default is not None and default is not ... and not field.is_required():
-        shown = default.value if isinstance(default, enum.Enum) else default
-        help_text = f"{help_text} (default: {shown})".strip()
-    elif field.is_required():
-        help_text = f"{help_text} (required)".strip()
-    kwargs["help"] = help_text
-    if annotation is bool:
-        kwargs["action"] = "store_true"
-        group.add_argument(f"--no-{name.replace('_', '-')}", dest=dest, action="store_false",
-                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        kwargs["choices"] = [m.value for m in annotation]
-    elif typing.get_origin(annotation) is list:
-        kwargs["nargs"] = "+"
-        kwargs["metavar"] = "VALUE"
-    elif annotation in (int, float):
-        kwargs["type"] = annotation
-        kwargs["metavar"] = annotation.__name__.upper()
-    else:
-        kwargs["metavar"] = "TEXT"
-    flags = _flag_names(name) + EXTRA_FLAGS.get(name, [])
-    group.add_argument(*flags, **kwargs)
+def _dest_prefix(section: str) -> str:
+    return f"{section}{DEST_SEP}" if section else ""
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -114,18 +74,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     for section, model in SECTIONS.items():
         title = f"{section.replace('_', ' ')} options" if section else "model, data and output"
         group = parser.add_argument_group(title, (model.__doc__ or "").strip().splitlines()[0])
-        for name, field in model.model_fields.items():
-            if name in SECTIONS:
-                continue
-            _add_field(group, section, name, field)
+        add_model_flags(group, model, dest_prefix=_dest_prefix(section), extra_flags=EXTRA_FLAGS)
     compat = parser.add_argument_group("compatibility with the diffusers script")
     compat.add_argument(
-        *_flag_names("only_save_embeds"), dest="only_save_embeds", action="store_true",
+        *flag_names("only_save_embeds"), dest="only_save_embeds", action="store_true",
         default=argparse.SUPPRESS, help="do not save the full pipeline (our default already)",
     )
     for name, nargs in IGNORED_REFERENCE_FLAGS.items():
         compat.add_argument(
-            *_flag_names(name), dest=f"ignored{DEST_SEP}{name}", default=argparse.SUPPRESS,
+            *flag_names(name), dest=f"ignored{DEST_SEP}{name}", default=argparse.SUPPRESS,
             action="store_true" if nargs == 0 else "store", help=argparse.SUPPRESS,
         )
 
@@ -144,9 +101,8 @@ def _field_names(value: Any, model: type[BaseModel] | None) -> Any:
     for key, item in value.items():
         name = names.get(key, key)
         field = model.model_fields.get(name)
-        nested = _unwrap_optional(field.annotation) if field else None
-        is_model = isinstance(nested, type) and issubclass(nested, BaseModel)
-        renamed[name] = _field_names(item, nested if is_model else None)
+        nested = unwrap_optional(field.annotation) if field else None
+        renamed[name] = _field_names(item, nested if is_model(nested) else None)
     return renamed
 
 
@@ -177,34 +133,17 @@ def read_config_file(path: str | Path, model: type[BaseModel] = TrainerConfig) -
     return _field_names(data, model)
 
 
-def format_validation_error(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        names = [to_snake(str(p)) for p in item["loc"]]
-        loc = ".".join(names) or "config"
-        flag = f" (--{names[-1].replace('_', '-')})" if names and names[-1] != "config" else ""
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}{flag}: {message}")
-    return "invalid options: " + "; ".join(parts)
-
-
 def config_from_args(args: argparse.Namespace) -> TrainerConfig:
     """Merge --config FILE and flags into a validated TrainerConfig (UserError if invalid)."""
     data: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
-    for dest, value in vars(args).items():
-        if dest in ("command", "config") or dest.startswith(f"ignored{DEST_SEP}"):
-            continue
-        if dest == "only_save_embeds":
-            data.setdefault("training", {})["save_as_full_pipeline"] = False
-            continue
-        if DEST_SEP in dest:
-            section, name = dest.split(DEST_SEP, 1)
+    for section, model in SECTIONS.items():
+        given = values_from_args(model, args, _dest_prefix(section))
+        if section and given:
             if not isinstance(data.get(section), dict):
                 data[section] = {}
-            data[section][name] = value
-        elif dest in TrainerConfig.model_fields:
-            data[dest] = value
-    try:
-        return TrainerConfig.model_validate(data)
-    except ValidationError as error:
-        raise UserError(format_validation_error(error)) from None
+            data[section].update(given)
+        elif given:
+            data.update(given)
+    if getattr(args, "only_save_embeds", False):
+        data.setdefault("training", {})["save_as_full_pipeline"] = False
+    return validate(TrainerConfig, data)
