@@ -83,22 +83,6 @@ def write_png(path: Path, image) -> Path:
     return atomic_write(path, lambda tmp: image.save(str(tmp), format="PNG"))
 
 
-def image_grid(images: list):
-    """Images side by side in a near-square grid."""
-    from PIL import Image
-
-    count = len(images)
-    cols = max(1, int(count ** 0.5 + 0.999))
-    while cols * cols < count:
-        cols += 1
-    rows = (count + cols - 1) // cols
-    width, height = images[0].size
-    grid = Image.new("RGB", (cols * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
 def save_full_pipeline(model_path: Path, folder: Path, embeds_file: Path, placeholder: str):
     """The base pipeline in fp32 with the learned token added (tokenizer and text encoder)."""
     import shutil

@@ -560,6 +560,7 @@ class Trainer:
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
         from amxtune_trainer import outputs
+        from amxtune_trainer.images import make_grid
 
         pipeline = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
@@ -582,7 +583,7 @@ class Trainer:
                 images.append(result.images[0])
         folder = self.output_dir / outputs.VALIDATION_DIR / f"step-{step}"
         paths = [outputs.write_png(folder / f"image-{i}.png", im) for i, im in enumerate(images)]
-        paths.append(outputs.write_png(folder / "grid.png", outputs.image_grid(images)))
+        paths.append(outputs.write_png(folder / "grid.png", make_grid(images)))
         return paths
 
     def finish(self, started: float) -> None:
