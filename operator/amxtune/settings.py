@@ -24,6 +24,8 @@ class Settings(ApiModel):
     # UID/GID of the non-root user in the trainer image; fsGroup makes the output volume writable.
     run_as_user: int = 1000
     progress_interval_seconds: float = Field(default=5.0, gt=0)
+    # Asked whether spec.model.name exists before pods are created; "" skips the question.
+    hub_endpoint: str = "https://huggingface.co"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

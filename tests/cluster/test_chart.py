@@ -39,6 +39,8 @@ NON_DEFAULT = [
     "logFormat=plain",
     "--set",
     "amxNodeLabels={example.com/amx}",
+    "--set",
+    "hubEndpoint=https://hub-mirror.example.com",
 ]
 
 
@@ -79,6 +81,7 @@ def test_namespaced_install_has_roles_only_in_watched_namespaces(control_plane):
     assert "--namespace=team-a" in container["args"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["AMXTUNE_AMX_NODE_LABELS"] == "example.com/amx"
+    assert env["AMXTUNE_HUB_ENDPOINT"] == "https://hub-mirror.example.com"
     assert any(d["kind"] == "ServiceMonitor" for d in docs)
 
 

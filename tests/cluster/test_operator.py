@@ -219,6 +219,25 @@ def test_missing_secret_blocks_and_creates_no_pods(crds, operator, namespace):
     )
 
 
+def test_a_model_the_hub_does_not_know_blocks_and_creates_no_pods(crds, operator, namespace):
+    cp = crds
+    doc = job()
+    doc["spec"]["model"] = {"name": "stable-diffusion-v1-5/no-such-model"}
+    submit(cp, namespace, doc)
+    cp.wait_for(
+        lambda: any(
+            c["type"] == "Stalled" and c["reason"] == "ModelNotFound"
+            for c in status(cp, namespace).get("conditions", [])
+        ),
+        what="Stalled condition with reason ModelNotFound",
+    )
+    stalled = next(c for c in status(cp, namespace)["conditions"] if c["type"] == "Stalled")
+    assert "spec.model.name" in stalled["message"] and "no-such-model" in stalled["message"]
+    assert worker_pods(cp, namespace) == []
+    events = cp.events_for(kind="FineTuneJob", name="dicoo", namespace=namespace)
+    assert any(e["reason"] == "ModelNotFound" for e in events)
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

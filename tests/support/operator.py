@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.support.controlplane import ControlPlane
+from tests.support.hub import shared_hub
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRDS = REPO_ROOT / "crds"
@@ -41,6 +42,7 @@ class OperatorProcess:
             "KUBECONFIG": str(kubeconfig or cp.kubeconfig),
             "AMXTUNE_PROGRESS_INTERVAL_SECONDS": "1",
             "AMXTUNE_TRAINER_IMAGE": "amxtune-trainer:test",
+            "AMXTUNE_HUB_ENDPOINT": shared_hub().url,
             **(extra_env or {}),
         }
         self.flags = flags or ["--liveness", "", "--metrics-port", "0", "--log-format", "plain"]

@@ -59,3 +59,10 @@ def test_invalid_option_is_a_user_error_naming_the_field():
                  "--resolution", "100"])
     with pytest.raises(UserError, match="placeholder_token"):
         _config(["--model", "tiny", "--initializer-token", "t"])
+
+
+def test_the_operator_knows_the_trainers_builtin_models():
+    from amxtune.api.training import BUILTIN_MODELS
+    from amxtune_trainer.builtin.models import BUILTINS
+
+    assert set(BUILTINS) == set(BUILTIN_MODELS)

@@ -18,6 +18,7 @@ from amxtune import names
 from amxtune.controller.finetunejob import FineTuneJobController
 from amxtune.controller.inferencejob import InferenceJobController
 from amxtune.settings import Settings
+from tests.support.hub import StandInHub
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,10 +150,16 @@ def example(**spec_changes) -> dict:
 
 
 @pytest.fixture
-def world():
+def hub():
+    with StandInHub() as server:
+        yield server
+
+
+@pytest.fixture
+def world(hub):
     kube, clock = FakeKube(), Clock()
     kube.put({"kind": "PersistentVolumeClaim", "metadata": {"name": "concepts", "namespace": "ns"}})
-    settings = Settings(progress_interval_seconds=5)
+    settings = Settings(progress_interval_seconds=5, hub_endpoint=hub.url)
     return (
         kube,
         clock,
@@ -350,6 +357,20 @@ def test_missing_secret_blocks_without_creating_anything(world):
     ftj.reconcile("ns", "dicoo")
     assert kube.status()["phase"] == "Running"
     assert "c2VjcmV0" not in json.dumps(kube.events) + json.dumps(kube.status())
+
+
+def test_a_model_the_hub_does_not_know_blocks_until_the_spec_is_fixed(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example(model={"name": "stable-diffusion-v1-5/stable-diffusion-v1.5"}))
+    ftj.reconcile("ns", "dicoo")
+    stalled = next(c for c in kube.status()["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ModelNotFound"
+    assert "spec.model.name" in stalled["message"] and "v1.5" in stalled["message"]
+    assert kube.pods() == [] and kube.reasons() == ["ModelNotFound"]
+    job = kube.objects[("FineTuneJob", "ns", "dicoo")]
+    job["spec"]["model"] = {"name": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Running" and len(kube.pods()) == 2
 
 
 def test_unschedulable_quotes_the_scheduler_and_times_out(world):

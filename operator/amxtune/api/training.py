@@ -192,6 +192,10 @@ class TrainerRuntimeOptions(ApiModel):
     )
 
 
+# Models the trainer builds itself (random weights, no download); see amxtune_trainer.builtin.
+BUILTIN_MODELS = ("tiny", "sd15-arch")
+
+
 class TrainerConfig(ApiModel):
     """Everything one trainer process needs; the operator renders it into a ConfigMap."""
 

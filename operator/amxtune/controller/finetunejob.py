@@ -27,6 +27,7 @@ from amxtune.controller.state import (
     parse_time,
     set_condition,
 )
+from amxtune.hub import check_model
 from amxtune.manifest import describe_validation_error
 from amxtune.render import JobIdentity, RenderError, output_path, render_finetunejob
 from amxtune.render.inferencejob import inference_job_for
@@ -107,7 +108,8 @@ class FineTuneJobController(Reconciler):
         return True
 
     def _preflight(self, job: JobIdentity, spec: FineTuneJobSpec) -> tuple[str, str] | None:
-        """What only the cluster can tell: referenced Secrets, claims and ConfigMaps exist."""
+        """What only the cluster (and the hub) can tell: referenced Secrets, claims and
+        ConfigMaps exist, and so does the base model when the hub can say."""
         ns = job.namespace
         ref = spec.model.token_secret_ref
         if ref is not None:
@@ -143,6 +145,11 @@ class FineTuneJobController(Reconciler):
                 return "NoTrainingImages", (
                     f"spec.data.configMap: ConfigMap {spec.data.config_map.name!r} is empty"
                 )
+        if spec.model.name is not None:
+            return check_model(
+                self.settings.hub_endpoint, spec.model.name, spec.model.revision,
+                has_token=ref is not None,
+            )
         return None
 
     def _running(self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec) -> None:
