@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from amxtune.api.export import OpenVINOExportOptions, WeightFormat
@@ -117,8 +118,20 @@ def quiet_libraries() -> None:
     import logging
 
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # Read when the libraries are first imported (import-time messages included).
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "optimum", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Tracing the models for OpenVINO warns about every data-dependent branch (dozens of lines);
+    # they would bury a real error in the pod log and in the operator's failure event.
+    try:
+        from torch.jit import TracerWarning
+    except ImportError:
+        pass
+    else:
+        warnings.filterwarnings("ignore", category=TracerWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -128,6 +141,11 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    try:  # optimum sets its own level when first imported, over the one set above
+        from optimum.utils import logging as optimum_logging
+    except ImportError:
+        return
+    optimum_logging.set_verbosity_error()
 
 
 # --- model resolution -------------------------------------------------------------------------
