@@ -188,20 +188,27 @@ def test_delete_removes_children_and_keeps_the_output_volume(crds, operator, nam
     assert cp.get("pvc", "dicoo-output", namespace) is not None
 
 
+def wait_stalled(cp: ControlPlane, namespace: str, reason: str) -> dict:
+    """The job's Stalled condition, once it is True with `reason`."""
+
+    def stalled() -> dict | None:
+        conditions = status(cp, namespace).get("conditions", [])
+        return next(
+            (c for c in conditions
+             if c["type"] == "Stalled" and c["status"] == "True" and c["reason"] == reason),
+            None,
+        )
+
+    return cp.wait_for(stalled, what=f"Stalled condition with reason {reason}")
+
+
 def test_missing_secret_blocks_and_creates_no_pods(crds, operator, namespace):
     cp = crds
     doc = job()
     doc["spec"]["model"] = {"name": "org/gated-model", "tokenSecretRef": {"name": "hf-token"}}
     submit(cp, namespace, doc)
-    cp.wait_for(
-        lambda: any(
-            c["type"] == "Stalled" and c["status"] == "True"
-            for c in status(cp, namespace).get("conditions", [])
-        ),
-        what="Stalled condition",
-    )
-    stalled = next(c for c in status(cp, namespace)["conditions"] if c["type"] == "Stalled")
-    assert stalled["reason"] == "SecretNotFound" and "hf-token" in stalled["message"]
+    stalled = wait_stalled(cp, namespace, "SecretNotFound")
+    assert "hf-token" in stalled["message"]
     assert worker_pods(cp, namespace) == []
     cp.kubectl(
         "create",
@@ -224,14 +231,7 @@ def test_a_model_the_hub_does_not_know_blocks_and_creates_no_pods(crds, operator
     doc = job()
     doc["spec"]["model"] = {"name": "stable-diffusion-v1-5/no-such-model"}
     submit(cp, namespace, doc)
-    cp.wait_for(
-        lambda: any(
-            c["type"] == "Stalled" and c["reason"] == "ModelNotFound"
-            for c in status(cp, namespace).get("conditions", [])
-        ),
-        what="Stalled condition with reason ModelNotFound",
-    )
-    stalled = next(c for c in status(cp, namespace)["conditions"] if c["type"] == "Stalled")
+    stalled = wait_stalled(cp, namespace, "ModelNotFound")
     assert "spec.model.name" in stalled["message"] and "no-such-model" in stalled["message"]
     assert worker_pods(cp, namespace) == []
     events = cp.events_for(kind="FineTuneJob", name="dicoo", namespace=namespace)
