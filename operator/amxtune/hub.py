@@ -34,7 +34,7 @@ def check_model(
         f"/revision/{urllib.parse.quote(revision or 'main', safe='')}"
     )
     try:
-        with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout):
+        with urllib.request.urlopen(url, timeout=timeout):
             return None
     except urllib.error.HTTPError as error:
         code = error.headers.get("X-Error-Code", "")

@@ -17,8 +17,8 @@ PUBLIC_MODELS = {"stable-diffusion-v1-5/stable-diffusion-v1-5": {"main", "fp16"}
 
 
 class StandInHub:
-    def __init__(self, models: dict[str, set[str]] | None = None) -> None:
-        self.models = dict(PUBLIC_MODELS if models is None else models)
+    def __init__(self) -> None:
+        self.models = PUBLIC_MODELS
         self.requests: list[str] = []
         hub = self
 
@@ -53,13 +53,9 @@ class StandInHub:
             return 404, "RevisionNotFound", {"error": f"Invalid rev id: {revision}"}
         return 200, "", {"id": repo, "sha": "0" * 40}
 
-    def __enter__(self) -> StandInHub:
-        self.thread.start()
+    def start(self) -> StandInHub:
+        self.thread.start()  # a daemon thread: it ends with the test session
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 _shared: StandInHub | None = None
@@ -69,5 +65,5 @@ def shared_hub() -> StandInHub:
     """One stand-in hub for the whole test session (operators started by tests ask it)."""
     global _shared
     if _shared is None:
-        _shared = StandInHub().__enter__()
+        _shared = StandInHub().start()
     return _shared

@@ -18,7 +18,7 @@ from amxtune import names
 from amxtune.controller.finetunejob import FineTuneJobController
 from amxtune.controller.inferencejob import InferenceJobController
 from amxtune.settings import Settings
-from tests.support.hub import StandInHub
+from tests.support.hub import shared_hub
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,16 +150,10 @@ def example(**spec_changes) -> dict:
 
 
 @pytest.fixture
-def hub():
-    with StandInHub() as server:
-        yield server
-
-
-@pytest.fixture
-def world(hub):
+def world():
     kube, clock = FakeKube(), Clock()
     kube.put({"kind": "PersistentVolumeClaim", "metadata": {"name": "concepts", "namespace": "ns"}})
-    settings = Settings(progress_interval_seconds=5, hub_endpoint=hub.url)
+    settings = Settings(progress_interval_seconds=5, hub_endpoint=shared_hub().url)
     return (
         kube,
         clock,

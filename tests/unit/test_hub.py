@@ -7,16 +7,15 @@ import socket
 import pytest
 
 from amxtune.hub import check_model
-from tests.support.hub import StandInHub
+from tests.support.hub import shared_hub
 
 pytestmark = pytest.mark.unit
 KNOWN = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def hub():
-    with StandInHub() as server:
-        yield server
+    return shared_hub()
 
 
 def test_known_models_and_revisions_pass(hub):
@@ -32,9 +31,8 @@ def test_builtin_models_are_not_asked_about(hub):
     assert len(hub.requests) == before
 
 
-def test_unknown_model_without_a_token_is_named():
-    with StandInHub() as hub:
-        reason, message = check_model(hub.url, "someone/typo", None, has_token=False)
+def test_unknown_model_without_a_token_is_named(hub):
+    reason, message = check_model(hub.url, "someone/typo", None, has_token=False)
     assert reason == "ModelNotFound"
     assert message.startswith("spec.model.name:") and "'someone/typo'" in message
 
@@ -50,9 +48,9 @@ def test_unknown_revision_is_named(hub):
     assert hub.requests[-1] == f"/api/models/{KNOWN}/revision/refs%2Fpr%2F1"
 
 
-def test_no_verdict_without_a_definite_answer():
-    with StandInHub() as hub:  # a mirror without the model API: 404 without an error code
-        assert check_model(hub.url + "/mirror", "someone/typo", None, has_token=False) is None
+def test_no_verdict_without_a_definite_answer(hub):
+    # a mirror without the model API: 404 without an error code
+    assert check_model(hub.url + "/mirror", "someone/typo", None, has_token=False) is None
     with socket.socket() as closed:  # nothing listens: the trainer will check instead
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]

@@ -131,7 +131,6 @@ def quiet_libraries() -> None:
         pass
     else:
         warnings.filterwarnings("ignore", category=TracerWarning)
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging

@@ -38,6 +38,18 @@ def is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def field_for_key(
+    model: type[BaseModel], key: str
+) -> tuple[str, type[BaseModel] | None, bool]:
+    """(field name, nested model or None, whether it is a field) for a key that may be the
+    field's camelCase alias; pydantic and config files use either spelling."""
+    names = {field.alias or name: name for name, field in model.model_fields.items()}
+    name = names.get(key, key)
+    field = model.model_fields.get(name)
+    nested = unwrap_optional(field.annotation) if field else None
+    return name, nested if is_model(nested) else None, field is not None
+
+
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -129,13 +141,9 @@ def _field_path(model: type[BaseModel] | None, loc: tuple) -> tuple[list[str], b
     for part in loc:
         if not isinstance(part, str) or model is None:
             continue
-        names = {field.alias or name: name for name, field in model.model_fields.items()}
-        name = names.get(part, part)
+        name, model, known = field_for_key(model, part)
         path.append(name)
-        field = model.model_fields.get(name)
-        nested = unwrap_optional(field.annotation) if field else None
-        model = nested if is_model(nested) else None
-        is_flag = field is not None and model is None
+        is_flag = known and model is None
     return path, is_flag
 
 

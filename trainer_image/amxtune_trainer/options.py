@@ -26,9 +26,8 @@ from amxtune.api.training import (
 from amxtune_trainer.errors import UserError
 from amxtune_trainer.model_flags import (
     add_model_flags,
+    field_for_key,
     flag_names,
-    is_model,
-    unwrap_optional,
     validate,
     values_from_args,
 )
@@ -96,13 +95,10 @@ def _field_names(value: Any, model: type[BaseModel] | None) -> Any:
     """
     if not isinstance(value, dict) or model is None:
         return value
-    names = {field.alias or name: name for name, field in model.model_fields.items()}
     renamed = {}
     for key, item in value.items():
-        name = names.get(key, key)
-        field = model.model_fields.get(name)
-        nested = unwrap_optional(field.annotation) if field else None
-        renamed[name] = _field_names(item, nested if is_model(nested) else None)
+        name, nested, _ = field_for_key(model, key)
+        renamed[name] = _field_names(item, nested)
     return renamed
 
 
