@@ -35,9 +35,8 @@ def run_trainer(args: list[str], *, ranks: int = 1, env: dict | None = None,
     if ranks == 1:
         command = [sys.executable, "-m", "amxtune_trainer", "textual-inversion", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(ranks), "-m", "amxtune_trainer",
-                   "textual-inversion", *args]
+        command = [sys.executable, "-m", "amxtune_trainer", "launch", "--nproc-per-node",
+                   str(ranks), "--", "textual-inversion", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=env or trainer_env())
 

@@ -1,4 +1,9 @@
-"""Pre-packed frozen convolutions give bit-identical outputs and input gradients."""
+"""Pre-packed frozen convolutions give bit-identical outputs and input gradients.
+
+They are oneDNN's bf16 convolutions, which need AVX-512 BW/VL/DQ or AVX-NE-CONVERT: on a CPU
+without them the trainer never packs (tests/trainer/test_cpu_paths.py), and these tests skip,
+naming the missing flags.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,25 @@ import torch
 pytestmark = pytest.mark.trainer
 
 
+@pytest.fixture(autouse=True)
+def _bf16_convolutions():
+    from amxtune_trainer.cpu import probe
+    from amxtune_trainer.fastconv import _ops_available
+
+    if not _ops_available():
+        pytest.skip("this torch build has no oneDNN convolution ops")
+    cpu = probe()
+    if not cpu.can_pack_bf16_convolutions:
+        missing = cpu.missing("avx512bw", "avx512vl", "avx512dq", "avx_ne_convert")
+        pytest.skip("oneDNN bf16 convolutions need avx512bw, avx512vl and avx512dq, or "
+                    f"avx_ne_convert; this CPU lacks {', '.join(missing)}")
+
+
 @pytest.mark.parametrize(("kernel", "stride", "padding", "size"),
                          [(3, 1, 1, 12), (3, 2, 1, 12), (3, 2, 1, 11), (1, 1, 0, 9)])
 def test_packed_conv_matches_eager(kernel, stride, padding, size):
-    from amxtune_trainer.fastconv import _ops_available, pack_frozen_convolutions
+    from amxtune_trainer.fastconv import pack_frozen_convolutions
 
-    if not _ops_available():
-        pytest.skip("oneDNN ops not in this torch build")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, kernel, stride, padding))
     model = model.to(torch.bfloat16).requires_grad_(False)
@@ -38,10 +55,8 @@ def test_packed_conv_matches_eager(kernel, stride, padding, size):
 
 
 def test_only_frozen_bf16_convolutions_are_packed():
-    from amxtune_trainer.fastconv import _ops_available, pack_frozen_convolutions
+    from amxtune_trainer.fastconv import pack_frozen_convolutions
 
-    if not _ops_available():
-        pytest.skip("oneDNN ops not in this torch build")
     fp32 = torch.nn.Conv2d(4, 4, 3).requires_grad_(False)
     trainable = torch.nn.Conv2d(4, 4, 3).to(torch.bfloat16)
     grouped = torch.nn.Conv2d(4, 4, 3, groups=2).to(torch.bfloat16).requires_grad_(False)
@@ -51,10 +66,8 @@ def test_only_frozen_bf16_convolutions_are_packed():
 def test_tiny_unet_is_bit_identical_with_packed_convolutions(tiny_model):
     from diffusers import UNet2DConditionModel
 
-    from amxtune_trainer.fastconv import _ops_available, pack_frozen_convolutions
+    from amxtune_trainer.fastconv import pack_frozen_convolutions
 
-    if not _ops_available():
-        pytest.skip("oneDNN ops not in this torch build")
     unet = UNet2DConditionModel.from_pretrained(str(tiny_model), subfolder="unet",
                                                 torch_dtype=torch.bfloat16)
     unet = unet.eval().requires_grad_(False).to(memory_format=torch.channels_last)

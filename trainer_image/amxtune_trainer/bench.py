@@ -1,11 +1,11 @@
 """`python -m amxtune_trainer.bench`: how fast a textual-inversion step is (not a test).
 
 Runs the real trainer (a subprocess per configuration: `python -m amxtune_trainer` for one rank,
-torchrun for several) on synthetic images and prints, per configuration, the median seconds
-per step after warm-up, samples per second, peak RSS per rank and the bytes all-reduced per
-step; with --flops also the FLOPs of one step (counted by torch's FlopCounterMode) and the
-achieved FLOP/s against the CPU's AMX bf16 peak. The load average is printed too: other
-processes on the node skew the figures.
+`amxtune-train launch` for several) on synthetic images and prints the CPU (the trainer's
+probe) and, per configuration, the median seconds per step after warm-up, samples per second,
+peak RSS per rank and the bytes all-reduced per step; with --flops also the FLOPs of one step
+(counted by torch's FlopCounterMode) and the achieved FLOP/s against the CPU's AMX bf16 peak.
+The load average is printed too: other processes on the node skew the figures.
 
 --same-learning trains the tiny model twice, with and without the speed-ups (bf16 weights +
 autocast + channels_last vs fp32), and evaluates both embeddings with the same fp32
@@ -65,9 +65,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
     if ranks == 1:
         command = [sys.executable, "-m", "amxtune_trainer", "textual-inversion", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(ranks), "-m", "amxtune_trainer",
-                   "textual-inversion", *args]
+        command = [sys.executable, "-m", "amxtune_trainer", "launch", "--nproc-per-node",
+                   str(ranks), "--", "textual-inversion", *args]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -79,7 +78,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
     median = statistics.median(times)
     return {
         "name": name, "model": model, "resolution": resolution, "precision": precision,
-        "ranks": ranks, "steps_timed": len(times), "seconds_per_step": median,
+        "ranks": ranks, "used_precision": metrics["mixed_precision"]["used"],
+        "steps_timed": len(times), "seconds_per_step": median,
         "min_seconds_per_step": min(times),
         "samples_per_second": ranks / median,  # batch 1 per rank
         "peak_rss_mb": max(metrics["peak_rss_mb_per_rank"]),
@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["sd15-arch"], choices=["tiny", "sd15-arch"])
     parser.add_argument("--resolution", nargs="+", type=int, default=[256])
-    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--precision", nargs="+", default=["auto"],
+                        choices=["auto", "fp32", "bf16"],
+                        help="auto: what the trainer would choose on this CPU")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1])
     parser.add_argument("--steps", type=int, default=6, help="steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
@@ -218,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for model in ["tiny"] if args.no_timing else args.model:
         ensure_builtin_model(model)
+    from amxtune_trainer.cpu import probe
+
+    cpu = probe()
     results, flops = [], {}
+    print(f"# CPU: {cpu.summary()}; features: {' '.join(sorted(cpu.features)) or 'none'}; "
+          f"PyTorch kernels: {cpu.torch_capability}", flush=True)
     print(f"# load average before: {os.getloadavg()[0]:.2f}; cores: "
           f"{len(os.sched_getaffinity(0))}", flush=True)
     grid = [] if args.no_timing else list(itertools.product(
@@ -247,14 +254,16 @@ def main(argv: list[str] | None = None) -> int:
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
     for r in results:
-        line = (f"| {r['model']} | {r['resolution']} | {r['precision']} | {r['ranks']} | "
+        precision = r["precision"] if r["precision"] == r["used_precision"] else (
+            f"{r['precision']} → {r['used_precision']}")
+        line = (f"| {r['model']} | {r['resolution']} | {precision} | {r['ranks']} | "
                 f"{r['seconds_per_step']:.3f} | {r['samples_per_second']:.3f} | "
                 f"{r['peak_rss_mb']:.0f} | {r['allreduce_bytes_per_step']} | "
                 f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
         if args.flops:
             line += f" {r['step_gflop']:.0f} | {r['achieved_tflops']:.3f} |"
         print(line)
-    extras: dict = {"results": results}
+    extras: dict = {"cpu": cpu.to_dict(), "results": results}
     if args.flops and results:
         peak, how = amx_theoretical_peak()
         matmul = measure_matmul_peak()

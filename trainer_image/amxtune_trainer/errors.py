@@ -1,5 +1,28 @@
-"""Errors a user can fix: printed as one line naming the problem, exit code 2, no traceback."""
+"""Errors a user can fix: printed as one line naming the problem, no traceback.
+
+The exit codes and the line format are the contract with the operator (amxtune.api.events).
+"""
+
+from amxtune.api.events import EXIT_INPUT_ERROR, EXIT_NODE_LACKS_AMX, INPUT_ERROR, NODE_LACKS_AMX
 
 
 class UserError(Exception):
-    """Bad input (options, data, model, paths). The message must say what was expected."""
+    """Bad input (options, data, model, paths). The message must say what was expected.
+
+    `every_rank`: every rank raises the same error (it was gathered from all of them), so only
+    rank 0 prints it.
+    """
+
+    exit_code = EXIT_INPUT_ERROR
+    kind = INPUT_ERROR
+
+    def __init__(self, message: str, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+class NodeLacksAmx(UserError):
+    """The job requires AMX and this node's CPU has none: its labels are wrong or stale."""
+
+    exit_code = EXIT_NODE_LACKS_AMX
+    kind = NODE_LACKS_AMX

@@ -1,6 +1,10 @@
 """Progress reporting (rank 0 only).
 
-Machine-readable: one JSON object per line on stdout, which the operator reads:
+Machine-readable: one JSON object per line on stdout, which the operator reads (the event names
+are amxtune.api.events'):
+  {"event": "started", "world_size", "cpu", "cpu_class", "other_cpus", "precision",
+   "precision_reason", "packed_convolutions", "channels_last", "torch_compile", "attention",
+   "notices"}
   {"event": "progress", "step", "max_steps", "loss", "lr", "samples_per_second", "eta_seconds"}
   {"event": "completed", "output_dir", "learned_embeds", "steps", "final_loss", "wall_seconds"}
 Human: a progress bar on stderr, only when stdout is a terminal.
@@ -12,6 +16,8 @@ import json
 import sys
 import time
 from collections import deque
+
+from amxtune.api.events import EVENT_PROGRESS
 
 
 def emit(event: dict, stream=None) -> None:
@@ -53,7 +59,7 @@ class Progress:
             elapsed = max(now - first_time, 1e-9)
             per_step = elapsed / max(step - first_step, 1)
             emit({
-                "event": "progress",
+                "event": EVENT_PROGRESS,
                 "step": int(step),
                 "max_steps": int(self.max_steps),
                 "loss": float(loss),

@@ -5,10 +5,11 @@ How a step is made cheap (see docs/performance.md):
   eval mode with requires_grad off, so the backward computes input gradients only;
 - the VAE runs once per image and flip variant at start; its latent distribution (mean, std)
   is kept and sampled per step as the reference script does after encoding every step;
-- bf16: the frozen UNet/VAE/text encoder weights are stored in bfloat16 (oneDNN uses AMX) and
-  run under CPU autocast; channels_last for the UNet; PyTorch SDPA attention; the UNet's
-  convolution weights are packed once for oneDNN instead of reordered on every call
-  (fastconv.py);
+- bf16 where the CPU computes it natively (mixedPrecision auto; cpu.py decides every fast path
+  from what the CPU can do): the frozen UNet/VAE/text encoder weights are stored in bfloat16
+  (oneDNN uses AMX) and run under CPU autocast; channels_last for the UNet; PyTorch SDPA
+  attention; the UNet's convolution weights are packed once for oneDNN instead of reordered on
+  every call (fastconv.py);
 - ranks all-reduce only the vectors' gradient (and the loss) once per optimizer step.
 
 Every random draw of a step (images, templates, flips, timesteps, noise) derives from
@@ -29,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from amxtune.api.events import EVENT_COMPLETED, EVENT_STARTED
 from amxtune_trainer import options
 from amxtune_trainer.errors import UserError
 
@@ -110,14 +112,18 @@ def run(args: argparse.Namespace) -> int:
 
 def train(config) -> int:
     """Train as one rank of a (possibly one-rank) job; returns the exit code."""
-    from amxtune_trainer import distributed
+    from amxtune_trainer import cpu, distributed
+    from amxtune_trainer.errors import NodeLacksAmx
 
     start = time.perf_counter()
     info = distributed.detect()
+    this_cpu = cpu.probe()
+    if config.require_amx and (problem := cpu.amx_missing(this_cpu)):
+        raise NodeLacksAmx(problem, every_rank=True)  # before anything loads or connects
     distributed.pin_cores(info)
     distributed.init(info, config.runtime.distributed_backend)
     try:
-        trainer = Trainer(config, info)
+        trainer = Trainer(config, info, distributed.all_gather_object(info, this_cpu))
         trainer.prepare()
         trainer.fit()
         trainer.finish(start)
@@ -144,11 +150,17 @@ def _seed_for(*parts: int) -> int:
 
 
 class Trainer:
-    """One rank's training state. `prepare()` validates inputs and builds everything."""
+    """One rank's training state. `prepare()` validates inputs and builds everything.
 
-    def __init__(self, config, info):
+    `cpus`: every rank's CpuInfo (probed here when not given, for one rank).
+    """
+
+    def __init__(self, config, info, cpus: list | None = None):
+        from amxtune_trainer import cpu
+
         self.config = config
         self.info = info
+        self.cpus = cpus if cpus is not None else [cpu.probe()] * info.world_size
         self.ti = config.textual_inversion
         self.opt = config.training
         self.rt = config.runtime
@@ -197,7 +209,7 @@ class Trainer:
             import torch
 
             components = models.load_components(
-                path, torch.bfloat16 if self.opt.mixed_precision == "bf16" else None
+                path, torch.bfloat16 if self.plan.bf16 else None
             )
             tokenizer = components.tokenizer
             init_ids = None
@@ -217,8 +229,47 @@ class Trainer:
             error = str(exc)
         errors = [e for e in all_gather_object(self.info, error) if e]
         if errors:
-            raise UserError(errors[0])
+            raise UserError(errors[0], every_rank=True)
         return concept, components, resume, new_ids, init_vectors
+
+    def _plan(self) -> None:
+        """Choose precision and fast paths from every rank's CPU."""
+        from amxtune_trainer import cpu
+
+        self.plan = cpu.plan(
+            self.cpus, self.info.rank, self.opt.mixed_precision, self.rt.channels_last,
+            self.rt.torch_compile, self.rt.accelerator,
+            compiler=cpu.cpp_compiler() if self.rt.torch_compile else None,
+        )
+        self.plan.attention, notice = cpu.attention_backend(self.plan.bf16)
+        if notice:
+            self.plan.notices.append(notice)
+
+    def _announce(self) -> None:
+        """Notices on stderr, and rank 0's "started" line (once the inputs are known good)."""
+        from amxtune_trainer.progress import emit
+
+        own, first = self.cpus[self.info.rank], self.cpus[0]
+        if self.info.is_main or own.summary() != first.summary():
+            prefix = "" if self.info.is_main else f"rank {self.info.rank}: "
+            for line in self.plan.notices:
+                print(f"amxtune-train textual-inversion: notice: {prefix}{line}",
+                      file=sys.stderr, flush=True)
+        if self.info.is_main:
+            emit({
+                "event": EVENT_STARTED,
+                "world_size": self.info.world_size,
+                "cpu": first.summary(),
+                "cpu_class": first.cpu_class,
+                "other_cpus": sorted({c.summary() for c in self.cpus} - {first.summary()}),
+                "precision": self.plan.label,
+                "precision_reason": self.plan.precision_reason,
+                "packed_convolutions": self.plan.packed_convolutions,
+                "channels_last": self.plan.channels_last,
+                "torch_compile": self.plan.torch_compile,
+                "attention": self.plan.attention,
+                "notices": self.plan.notices,
+            })
 
     def prepare(self) -> None:
         import torch
@@ -226,14 +277,16 @@ class Trainer:
         from amxtune_trainer import distributed, embedding
         from amxtune_trainer.checkpoints import load_state
 
+        self._plan()
         concept, comps, resume, new_ids, init_vectors = self._validate()
+        self._announce()
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self.components = comps
         self.model_path = comps.path
         self.tokenizer = comps.tokenizer
         self.noise_scheduler = comps.noise_scheduler
-        self.bf16 = self.opt.mixed_precision == "bf16"
+        self.bf16 = self.plan.bf16
         self.weight_dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.token_text = embedding.token_text(self.ti.placeholder_token, self.ti.num_vectors)
         from amxtune_trainer.data import templates_for
@@ -242,7 +295,7 @@ class Trainer:
 
         # Frozen networks: eval, no grad, weights in the compute dtype, UNet channels_last.
         self.unet = comps.unet.to(dtype=self.weight_dtype)
-        if self.rt.channels_last:
+        if self.plan.channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self.text_encoder = comps.text_encoder.to(dtype=self.weight_dtype)
         self.vae = comps.vae.to(dtype=self.weight_dtype) if self.info.is_main else None
@@ -256,12 +309,12 @@ class Trainer:
                 self.text_encoder, dtype=self.weight_dtype, inplace=True
             )
         self.packed_convolutions = 0
-        if self.bf16 and self.rt.accelerator == "none" and not self.rt.torch_compile:
+        if self.plan.packed_convolutions:
             from amxtune_trainer.fastconv import pack_frozen_convolutions
 
             self.packed_convolutions = pack_frozen_convolutions(self.unet)
         self.unet_forward = self.unet
-        if self.rt.torch_compile:
+        if self.plan.torch_compile:
             self.unet_forward = torch.compile(self.unet)
 
         # Resume state (rank 0 reads it, everyone receives it).
@@ -432,7 +485,7 @@ class Trainer:
         else:
             target = noise
         noisy = noisy.to(self.weight_dtype)
-        if self.rt.channels_last:
+        if self.plan.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             hidden = self.text_encoder(batch["ids"])[0].to(self.weight_dtype)
@@ -512,7 +565,7 @@ class Trainer:
                 if main:
                     self._periodic_outputs(step)
                 if crash_after and step == crash_after:
-                    raise SystemExit(f"simulated crash after step {step} ({CRASH_ENV})")
+                    raise RuntimeError(f"simulated crash after step {step} ({CRASH_ENV})")
         finally:
             progress.close()
         if main and (not self.eval_points or self.eval_points[-1]["step"] != self.step):
@@ -633,6 +686,15 @@ class Trainer:
             "threads_per_rank": self.info.threads,
             "ld_preload": os.environ.get("LD_PRELOAD", ""),
             "packed_convolutions": self.packed_convolutions,
+            "cpu": self.cpus[0].to_dict(),
+            "cpu_per_rank": [c.summary() for c in self.cpus],
+            "mixed_precision": {"requested": self.opt.mixed_precision,
+                                "used": self.plan.label,
+                                "reason": self.plan.precision_reason},
+            "fast_paths": {key: value for key, value in self.plan.to_dict().items()
+                           if key in ("packed_convolutions", "channels_last", "torch_compile",
+                                      "attention")},
+            "notices": self.plan.notices,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "allreduce_bytes_per_step": self.allreduce.bytes_per_step,
             "rank_embedding_sha256": digests,
@@ -649,7 +711,7 @@ class Trainer:
         outputs.write_loss_plot(self.output_dir / outputs.LOSS_PLOT, self.history,
                                 self.eval_points)
         emit({
-            "event": "completed",
+            "event": EVENT_COMPLETED,
             "output_dir": str(self.output_dir.resolve()),
             "learned_embeds": str(embeds.resolve()),
             "steps": int(self.step),

@@ -23,6 +23,7 @@ class LearnableProperty(StrEnum):
 
 
 class MixedPrecision(StrEnum):
+    auto = "auto"
     no = "no"
     bf16 = "bf16"
 
@@ -116,8 +117,10 @@ class TrainingOptions(ApiModel):
     adam_weight_decay: float = Field(default=1e-2, ge=0)
     adam_epsilon: float = Field(default=1e-8, gt=0)
     mixed_precision: MixedPrecision = Field(
-        default=MixedPrecision.bf16,
-        description="'bf16' runs the frozen networks in bfloat16 autocast (AMX); 'no' is fp32.",
+        default=MixedPrecision.auto,
+        description="'auto' is bf16 where every rank's CPU computes bf16 natively (AMX or "
+        "AVX512-BF16) and fp32 elsewhere; 'bf16' runs the frozen networks in bfloat16 autocast "
+        "on any CPU (emulated, slower than fp32, without AMX/AVX512-BF16); 'no' is fp32.",
     )
     seed: int | None = Field(default=None, ge=0, description="Seed for reproducible training.")
     checkpointing_steps: int = Field(
@@ -208,6 +211,11 @@ class TrainerConfig(ApiModel):
         default=None, description="Folder with the concept images (needed on rank 0 only)."
     )
     output_dir: str = Field(default="textual_inversion_output", min_length=1)
+    require_amx: bool = Field(
+        default=False,
+        description="Stop at start, before loading anything, when this CPU has no AMX "
+        "(the operator sets it from workers.requireAmx, so a mislabelled node fails fast).",
+    )
     textual_inversion: TextualInversionOptions
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     runtime: TrainerRuntimeOptions = Field(default_factory=TrainerRuntimeOptions)
