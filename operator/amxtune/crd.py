@@ -126,6 +126,8 @@ KINDS = [
             {"name": "Step", "type": "string", "jsonPath": ".status.progress.display"},
             {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
             {"name": "Workers", "type": "string", "jsonPath": ".status.workers.display"},
+            {"name": "Precision", "type": "string",
+             "jsonPath": ".status.trainer.mixedPrecision"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         root_rules=[

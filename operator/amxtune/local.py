@@ -3,9 +3,11 @@
 The manifest is validated by the same models as in the operator, and the trainer gets the
 same config and rank environment the worker pods get, with local paths: a volume claim
 `{claimName: X, path: P}` is the folder `X/P` beside the manifest (or `--volume X=DIR`), and
-results go to `./amxtune-output/NAME/`. Ranks run as local processes (torchrun
---standalone), capped by the cores this process may use. Ctrl-C stops every rank; running the
-same command again resumes from the last checkpoint.
+results go to `./amxtune-output/NAME/`. Ranks run as local processes (`amxtune-train launch`,
+as in the pods), capped by the cores this process may use; a failing rank's traceback goes to
+`NAME/logs/`. `workers.requireAmx` is a scheduling rule: here the job runs on this machine's
+CPU, whatever it has (the trainer says which precision it chose). Ctrl-C stops every rank;
+running the same command again resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,10 +23,12 @@ import time
 from pathlib import Path
 
 from amxtune import manifest
+from amxtune.api.events import EVENT_PROGRESS
 from amxtune.api.finetunejob import FineTuneJobSpec, ModelSource
 from amxtune.api.inferencejob import InferenceTask
 from amxtune.api.kube import PvcPath
 from amxtune.render import JobIdentity, rank_environment, trainer_config
+from amxtune.render.finetunejob import LOGS_DIR
 from amxtune.settings import Settings
 
 # Environment the pods get that makes no sense on a workstation.
@@ -48,12 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "nodes x ranksPerNode, capped by the local cores)")
     parser.add_argument("--max-train-steps", type=int, help="override spec.training.maxTrainSteps")
     parser.add_argument("--no-export", action="store_true", help="skip the OpenVINO export")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalPlan:
@@ -127,6 +124,7 @@ class LocalPlan:
                 "pretrained_model_name_or_path": self.model,
                 "train_data_dir": str(self.data_dir),
                 "output_dir": str(self.output_dir),
+                "require_amx": False,
             }
         )
         return config.to_wire()
@@ -153,12 +151,14 @@ class LocalPlan:
             env.pop("LD_PRELOAD", None)
         return env
 
+    @property
+    def log_dir(self) -> Path:
+        return self.output_dir / LOGS_DIR
+
     def train_command(self, config_path: Path) -> list[str]:
-        trainer = ["-m", "amxtune_trainer", "textual-inversion", f"--config={config_path}"]
-        if self.ranks == 1:
-            return [sys.executable, *trainer]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={self.ranks}", f"--master-port={_free_port()}", *trainer]
+        return [sys.executable, "-m", "amxtune_trainer", "launch",
+                f"--nproc-per-node={self.ranks}", f"--log-dir={self.log_dir}", "--",
+                "textual-inversion", f"--config={config_path}"]
 
     def inference_task(self) -> dict:
         assert self.spec.export is not None
@@ -214,7 +214,8 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
                     record = json.loads(line)
                 except ValueError:
                     record = None
-            if bar is not None and isinstance(record, dict) and record.get("event") == "progress":
+            is_progress = isinstance(record, dict) and record.get("event") == EVENT_PROGRESS
+            if bar is not None and is_progress:
                 bar.update(record)
             else:
                 if bar is not None and bar.tty:
@@ -231,7 +232,7 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGINT to every rank (torchrun forwards it), then SIGTERM, then SIGKILL."""
+    """SIGINT to the launcher (it passes it to every rank), then SIGTERM, then SIGKILL."""
     for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         if process.poll() is not None:
             return
@@ -261,7 +262,8 @@ def run_local(args: argparse.Namespace) -> int:
                   "checkpoint", file=sys.stderr)
             return 130
         if code != 0:
-            print(f"amxtune run: training failed (exit code {code})", file=sys.stderr)
+            logs = f"; tracebacks in {plan.log_dir}" if plan.log_dir.is_dir() else ""
+            print(f"amxtune run: training failed (exit code {code}){logs}", file=sys.stderr)
             return code
         if plan.export:
             task_path = Path(tmp) / "inference.json"

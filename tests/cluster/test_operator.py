@@ -87,7 +87,7 @@ def test_worker_failure_restarts_then_fails_after_backoff_limit(crds, operator, 
     cp = crds
     submit(cp, namespace, job(backoffLimit=1))
     running_workers(cp, namespace, 3)
-    simulate(cp, namespace, "dicoo-worker-1", "fail", code=3)
+    simulate(cp, namespace, "dicoo-worker-1", "fail", code=1)
     cp.wait_for(lambda: status(cp, namespace).get("restarts") == 1, what="one restart")
     running_workers(cp, namespace, 3, attempt="1")
     simulate(cp, namespace, "dicoo-worker-2", "fail", code=137)
@@ -104,6 +104,38 @@ def test_worker_failure_restarts_then_fails_after_backoff_limit(crds, operator, 
         ),
         what="no worker left running",
     )
+
+
+def test_a_node_whose_cpu_lacks_amx_is_avoided_without_spending_restarts(crds, operator,
+                                                                         namespace):
+    """A worker exits 3 (its CPU has no AMX, yet the node is labelled AMX): the real scheduler
+    places the next attempt elsewhere, and no restart is counted."""
+    cp = crds
+    submit(cp, namespace, job(backoffLimit=0, workers={
+        "nodes": 2, "ranksPerNode": 1, "resources": {"cpu": "8", "memory": "8Gi"}}))
+    pods = running_workers(cp, namespace, 2)
+    bad = next(p for p in pods if p["metadata"]["name"] == "dicoo-worker-1")["spec"]["nodeName"]
+    simulate(cp, namespace, "dicoo-worker-1", "fail", code=3)
+    cp.wait_for(lambda: status(cp, namespace).get("attempt") == 1, what="a new attempt")
+    current = status(cp, namespace)
+    assert current["excludedNodes"] == [bad] and current["restarts"] == 0
+    assert current["phase"] == "Running"
+    pods = running_workers(cp, namespace, 2, attempt="1")
+    assert bad not in {p["spec"]["nodeName"] for p in pods}
+    events = cp.events_for(kind="FineTuneJob", name="dicoo", namespace=namespace)
+    lacks = [e for e in events if e["reason"] == "NodeLacksAmx"]
+    assert len(lacks) == 1 and f"node {bad}" in lacks[0]["message"]
+    # A second bad node leaves one AMX node for two workers: unschedulable, and it says why.
+    second = pods[0]["spec"]["nodeName"]
+    simulate(cp, namespace, pods[0]["metadata"]["name"], "fail", code=3)
+    cp.wait_for(
+        lambda: any(c["type"] == "WorkersReady" and c["reason"] == "Unschedulable"
+                    for c in status(cp, namespace).get("conditions", [])),
+        what="Unschedulable once two AMX nodes are excluded",
+    )
+    current = status(cp, namespace)
+    assert sorted(current["excludedNodes"]) == sorted([bad, second])
+    assert "their CPUs lacked AMX" in current["message"] and current["restarts"] == 0
 
 
 def test_no_amx_capacity_is_reported_then_times_out(crds, operator, namespace):

@@ -66,7 +66,10 @@ class FakeKube:
         return copy.deepcopy(found)
 
     def log_tail(self, namespace, pod, lines=20):
-        return self.logs.get(pod, "")
+        return "\n".join(self.logs.get(pod, "").splitlines()[-lines:])
+
+    def log_head(self, namespace, pod, limit_bytes=65536):
+        return self.logs.get(pod, "")[:limit_bytes]
 
     def create(self, obj):
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -97,8 +100,10 @@ class FakeKube:
             key=lambda p: p["metadata"]["name"],
         )
 
-    def set_pod(self, name, phase, exit_code=None, ready=True):
+    def set_pod(self, name, phase, exit_code=None, ready=True, node=None):
         pod = self.objects[("Pod", "ns", name)]
+        if node is not None:
+            pod["spec"]["nodeName"] = node
         status = {"phase": phase, "containerStatuses": [{"name": "trainer", "ready": ready}]}
         if exit_code is not None:
             status["containerStatuses"][0]["state"] = {
@@ -267,11 +272,11 @@ def test_a_trainer_input_error_fails_at_once_without_restarts(world):
     kube, _clock, ftj, _ = world
     kube.put(example(backoffLimit=3))
     ftj.reconcile("ns", "dicoo")
-    kube.set_pod("dicoo-worker-0", "Failed", exit_code=1)  # torchrun's code for a failed rank
+    kube.set_pod("dicoo-worker-0", "Failed", exit_code=2)
     kube.logs["dicoo-worker-0"] = (
         "amxtune-train textual-inversion: error: placeholder token 'toy' is already in the "
         "vocabulary; choose a new token such as '<toy>'\n"
-        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
+        "amxtune-train launch: rank 0 exited with code 2"
     )
     ftj.reconcile("ns", "dicoo")
     status = kube.status()
@@ -279,6 +284,79 @@ def test_a_trainer_input_error_fails_at_once_without_restarts(world):
     stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert stalled["reason"] == "InvalidInput"
     assert "placeholder token 'toy' is already in the vocabulary" in stalled["message"]
+
+
+def test_a_failed_rank_is_quoted_by_its_one_line_not_the_last_lines(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    kube.set_pod("dicoo-worker-1", "Failed", exit_code=1)
+    kube.logs["dicoo-worker-1"] = "\n".join([
+        "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+        "RuntimeError: boom",
+        "amxtune-train textual-inversion: rank 1 failed: RuntimeError: boom (traceback above)",
+        "amxtune-train launch: rank 1 exited with code 1",
+    ])
+    ftj.reconcile("ns", "dicoo")
+    failed = next(e for e in kube.events if e[2] == "WorkerFailed")
+    assert failed[3] == ("dicoo-worker-1 exited with code 1, Error: amxtune-train "
+                         "textual-inversion: rank 1 failed: RuntimeError: boom (traceback above)")
+    assert kube.status()["restarts"] == 1 and kube.status()["attempt"] == 1
+
+
+def test_a_node_without_amx_is_left_without_spending_a_restart(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example(backoffLimit=0))
+    ftj.reconcile("ns", "dicoo")
+    kube.set_pod("dicoo-worker-0", "Running", node="amx-0")
+    kube.set_pod("dicoo-worker-1", "Failed", exit_code=3, node="amx-1")
+    kube.logs["dicoo-worker-1"] = (
+        "amxtune-train textual-inversion: node lacks AMX: this CPU (AMD EPYC 7763 "
+        "(AuthenticAMD): AVX2) has no amx_bf16, amx_tile, but the job requires AMX "
+        "(workers.requireAmx): the node's AMX labels are wrong or stale\n"
+        "amxtune-train launch: rank 1 exited with code 3")
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Running"  # backoffLimit 0, yet no restart was spent
+    assert status["restarts"] == 0 and status["attempt"] == 1
+    assert status["excludedNodes"] == ["amx-1"]
+    lacks = next(e for e in kube.events if e[2] == "NodeLacksAmx")
+    assert lacks[1] == "Warning" and "node amx-1" in lacks[3] and "AMD EPYC 7763" in lacks[3]
+    workers_ready = next(c for c in status["conditions"] if c["type"] == "WorkersReady")
+    assert workers_ready["reason"] == "NodeLacksAmx" and "amx-1" in workers_ready["message"]
+    ftj.reconcile("ns", "dicoo")
+    ftj.reconcile("ns", "dicoo")
+    pods = kube.pods()
+    assert {p["metadata"]["labels"][names.ATTEMPT_LABEL] for p in pods} == {"1"}
+    terms = pods[0]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["amx-1"]} in (
+        terms[0]["matchExpressions"])
+    # The same node again (its labels ignored by some scheduler): an ordinary failure now.
+    kube.set_pod("dicoo-worker-1", "Failed", exit_code=3, node="amx-1")
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Failed"
+    assert kube.status()["excludedNodes"] == ["amx-1"]
+
+
+def test_rank_0s_started_line_reports_cpu_and_precision_once_per_attempt(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    for pod in kube.pods():
+        kube.set_pod(pod["metadata"]["name"], "Running", node="amx-0")
+    started = {"event": "started", "cpu": "Intel(R) Xeon(R) Platinum 8480+ (GenuineIntel): "
+               "AMX, AVX512-BF16, AVX-512, AVX2", "cpu_class": "AMX", "precision": "bf16",
+               "precision_reason": "auto: AMX computes bf16 natively", "notices": []}
+    progress = [json.dumps({"event": "progress", "step": s, "max_steps": 500, "loss": 0.2})
+                for s in range(1, 80)]
+    kube.logs["dicoo-worker-0"] = "\n".join([json.dumps(started), *progress])
+    ftj.reconcile("ns", "dicoo")
+    trainer = kube.status()["trainer"]
+    assert trainer == {"attempt": 0, "node": "amx-0", "cpu": started["cpu"], "cpuClass": "AMX",
+                       "mixedPrecision": "bf16",
+                       "precisionReason": "auto: AMX computes bf16 natively", "notices": []}
+    assert kube.status()["progress"]["display"] == "79/500"  # from the tail, as before
 
 
 def test_success_creates_the_inference_job_then_succeeds_with_it(world):

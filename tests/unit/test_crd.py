@@ -67,6 +67,7 @@ def test_printer_columns_and_names():
         "Step",
         "Loss",
         "Workers",
+        "Precision",
         "Age",
     ]
     assert body["spec"]["names"]["shortNames"] == ["ftj"]

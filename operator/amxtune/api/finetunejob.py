@@ -77,7 +77,7 @@ class DataSource(ApiModel):
 class Workers(ApiModel):
     nodes: int = Field(default=1, ge=1, le=256, description="Worker pods, one per AMX node.")
     ranks_per_node: int = Field(
-        default=1, ge=1, le=64, description="Training processes per worker pod (torchrun)."
+        default=1, ge=1, le=64, description="Training processes (ranks) per worker pod."
     )
     resources: Resources = Field(default_factory=Resources)
     require_amx: bool = Field(
@@ -259,6 +259,20 @@ class Outputs(ApiModel):
     inference_job: str | None = None
 
 
+class TrainerReport(ApiModel):
+    """What rank 0 of the current attempt said when it started: its CPU and the paths taken."""
+
+    attempt: int = 0
+    node: str | None = None
+    cpu: str | None = Field(default=None, description="Rank 0's CPU and instruction sets.")
+    cpu_class: str | None = Field(default=None, description="AMX, AVX512-BF16, AVX-512, AVX2.")
+    mixed_precision: str | None = Field(default=None, description="bf16 or fp32, as used.")
+    precision_reason: str | None = None
+    notices: list[str] = Field(
+        default_factory=list, description="Fast paths turned off, and why (one line each)."
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = None
     phase: Phase | None = None
@@ -266,7 +280,17 @@ class FineTuneJobStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list)
     workers: WorkersStatus | None = None
     progress: Progress | None = None
-    restarts: int = 0
+    trainer: TrainerReport | None = None
+    restarts: int = Field(default=0, description="Restarts counted against backoffLimit.")
+    attempt: int = Field(
+        default=0,
+        description="The workers' current attempt (label amxtune.io/attempt): restarts plus "
+        "moves away from nodes that lacked AMX.",
+    )
+    excluded_nodes: list[str] = Field(
+        default_factory=list,
+        description="Nodes labelled AMX whose CPU had none (NodeLacksAmx); not used again.",
+    )
     start_time: str | None = None
     completion_time: str | None = None
     outputs: Outputs | None = None

@@ -1,7 +1,7 @@
 """FineTuneJob reconciliation: level-based, idempotent, restart-safe.
 
 Every call reads the job and its pods afresh and moves them one step towards the spec; all
-state lives in the job's status (restarts = attempt number, start time, progress), so an
+state lives in the job's status (attempt, restarts, start time, progress), so an
 operator restarted mid-job continues where the previous one stopped, and names are
 deterministic so nothing is created twice.
 """
@@ -9,11 +9,19 @@ deterministic so nothing is created twice.
 from __future__ import annotations
 
 import logging
-import re
 
 from pydantic import ValidationError
 
 from amxtune import names
+from amxtune.api.events import (
+    EVENT_COMPLETED,
+    EVENT_PROGRESS,
+    EVENT_STARTED,
+    EXIT_NODE_LACKS_AMX,
+    INPUT_ERROR_LINE,
+    NODE_LACKS_AMX,
+    last_failure,
+)
 from amxtune.api.finetunejob import FineTuneJobSpec, Phase
 from amxtune.controller import metrics
 from amxtune.controller.base import Pass, Reconciler
@@ -34,14 +42,17 @@ from amxtune.render.inferencejob import inference_job_for
 
 log = logging.getLogger("amxtune.finetunejob")
 KIND = "FineTuneJob"
-# How the trainer reports a problem with its input (amxtune_trainer.cli): one line, exit 2.
-TRAINER_INPUT_ERROR = re.compile(r"^amxtune-train [\w-]+: error: (.+)$", re.MULTILINE)
 
 
 def trainer_input_error(log_text: str) -> str | None:
     """The trainer's one-line input error in a log, if the worker died of one."""
-    found = TRAINER_INPUT_ERROR.findall(log_text)
+    found = INPUT_ERROR_LINE.findall(log_text)
     return found[-1].strip() if found else None
+
+
+def current_attempt(status: dict) -> int:
+    """The workers' attempt number (jobs started by older operators counted it in restarts)."""
+    return int(status.get("attempt", status.get("restarts", 0)))
 
 
 class FineTuneJobController(Reconciler):
@@ -102,6 +113,7 @@ class FineTuneJobController(Reconciler):
             phase=Phase.Running,
             startTime=now_iso(run.now),
             restarts=run.status.get("restarts", 0),
+            attempt=current_attempt(run.status),
             outputs={"claimName": objects.output_claim_name, "path": output_path(job, spec)},
         )
         set_condition(run.status, "Stalled", False, "NotStalled", "", run.now)
@@ -154,7 +166,7 @@ class FineTuneJobController(Reconciler):
 
     def _running(self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec) -> None:
         status = run.status
-        attempt = status.get("restarts", 0)
+        attempt = current_attempt(status)
         pods = [PodView.of(p) for p in self.kube.list_pods(job.namespace, job.name, KIND)]
         current = {p.rank: p for p in pods if p.attempt == attempt}
         stale = [p for p in pods if p.attempt != attempt]
@@ -172,7 +184,8 @@ class FineTuneJobController(Reconciler):
             self._waiting(run, "Restarting", "waiting for the previous workers to stop")
             return None
 
-        objects = render_finetunejob(job, spec, self.settings, attempt=attempt)
+        objects = render_finetunejob(job, spec, self.settings, attempt=attempt,
+                                     excluded_nodes=status.get("excludedNodes") or [])
         created = [pod for pod in objects.pods if pod["metadata"]["name"] not in
                    {p.name for p in current.values()} and self.kube.create(pod)]
         if created:
@@ -193,6 +206,9 @@ class FineTuneJobController(Reconciler):
         if unschedulable:
             pod = unschedulable[0]
             message = f"{pod.name} cannot be scheduled: {pod.unschedulable}"
+            if status.get("excludedNodes"):
+                message += (" (not on " + ", ".join(status["excludedNodes"]) +
+                            ": their CPUs lacked AMX)")
             before = condition(status, "WorkersReady")
             if not before or before["reason"] != "Unschedulable":
                 run.event("Warning", "Unschedulable", message)
@@ -219,17 +235,39 @@ class FineTuneJobController(Reconciler):
     def _read_progress(
         self, run: Pass, job: JobIdentity, leader: PodView | None, spec: FineTuneJobSpec
     ) -> None:
-        """Rank 0's latest JSON progress line, read from its log at most every few seconds."""
+        """Rank 0's latest JSON progress line, read from its log at most every few seconds;
+        once per attempt also its "started" line (CPU, precision, notices)."""
         if leader is None or leader.phase != "Running":
             return
+        attempt = current_attempt(run.status)
+        if (run.status.get("trainer") or {}).get("attempt") != attempt:
+            started = last_json_line(self.kube.log_head(job.namespace, leader.name),
+                                     EVENT_STARTED)
+            if started is not None:
+                self._set_trainer_report(run, started, attempt, leader)
         progress = run.status.get("progress") or {}
         last = parse_time(progress.get("updated"))
         if last and (run.now - last).total_seconds() < self.settings.progress_interval_seconds:
             return
-        record = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50), "progress")
+        record = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50),
+                                EVENT_PROGRESS)
         if record is None:
             return
         self._set_progress(run, record, spec)
+
+    def _set_trainer_report(self, run: Pass, record: dict, attempt: int, leader: PodView) -> None:
+        report: dict = {"attempt": attempt}
+        if leader.node:
+            report["node"] = leader.node
+        for source, target in (("cpu", "cpu"), ("cpu_class", "cpuClass"),
+                               ("precision", "mixedPrecision"),
+                               ("precision_reason", "precisionReason")):
+            if isinstance(record.get(source), str):
+                report[target] = record[source]
+        notices = record.get("notices")
+        if isinstance(notices, list):
+            report["notices"] = [str(n) for n in notices]
+        run.status["trainer"] = report
 
     def _set_progress(self, run: Pass, record: dict, spec: FineTuneJobSpec) -> None:
         step = int(record.get("step", 0))
@@ -251,7 +289,8 @@ class FineTuneJobController(Reconciler):
         self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec, leader: PodView
     ) -> None:
         status = run.status
-        final = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50), "completed")
+        final = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50),
+                               EVENT_COMPLETED)
         max_steps = spec.training.max_train_steps
         if final is not None:
             self._set_progress(
@@ -311,19 +350,43 @@ class FineTuneJobController(Reconciler):
         current: list[PodView],
     ) -> None:
         status = run.status
-        tail = log_excerpt(self.kube.log_tail(job.namespace, pod.name, 20))
+        attempt = current_attempt(status)
+        log_text = self.kube.log_tail(job.namespace, pod.name, 40)
         what = pod.describe_exit()
-        run.event("Warning", "WorkerFailed", what + (f"; last log lines:\n{tail}" if tail else ""))
+        failure = last_failure(log_text)
+        if failure:  # the trainer said what went wrong in one line: quote that
+            run.event("Warning", "WorkerFailed", f"{what}: {failure}")
+        else:
+            tail = log_excerpt(log_text)
+            run.event("Warning", "WorkerFailed",
+                      what + (f"; last log lines:\n{tail}" if tail else ""))
         for other in current:
             if not other.finished and not other.deleting:
                 self.kube.delete("Pod", job.namespace, other.name)
-        rejected = trainer_input_error(tail)
+        rejected = trainer_input_error(log_text)
         if rejected:  # bad input fails the same way on every attempt: do not restart
             self._fail(run, "InvalidInput", f"{what}: {rejected}")
+            return
+        lacks_amx = pod.exit_code == EXIT_NODE_LACKS_AMX or (
+            failure is not None and f": {NODE_LACKS_AMX}: " in failure)
+        excluded = list(status.get("excludedNodes") or [])
+        if lacks_amx and pod.node and pod.node not in excluded:
+            # The node's labels promised AMX: move away from it without spending a restart.
+            excluded.append(pod.node)
+            status["excludedNodes"] = excluded
+            status["attempt"] = attempt + 1
+            message = (f"{pod.name} ran on node {pod.node}, which is labelled as an AMX node "
+                       f"but whose CPU has no AMX; {pod.node} is not used again for this job "
+                       "(fix its labels, e.g. Node Feature Discovery's)")
+            detail = failure.split(f": {NODE_LACKS_AMX}: ", 1)[-1] if failure else ""
+            run.event("Warning", "NodeLacksAmx", message + (f": {detail}" if detail else ""))
+            set_condition(status, "WorkersReady", False, "NodeLacksAmx", message, run.now)
+            apply_kstatus(status, "NodeLacksAmx", message, run.now)
             return
         restarts = status.get("restarts", 0)
         if restarts < spec.backoff_limit:
             status["restarts"] = restarts + 1
+            status["attempt"] = attempt + 1
             metrics.RESTARTS.labels(KIND).inc()
             run.event("Normal", "Restarting",
                       f"restarting all workers (restart {restarts + 1} of {spec.backoff_limit}); "

@@ -7,6 +7,7 @@ import logging
 from pydantic import ValidationError
 
 from amxtune import names
+from amxtune.api.events import EVENT_COMPLETED, last_failure
 from amxtune.api.finetunejob import Phase
 from amxtune.api.inferencejob import InferenceJobSpec
 from amxtune.controller import metrics
@@ -67,7 +68,7 @@ class InferenceJobController(Reconciler):
             return apply_kstatus(status, "Exporting", "export pod created", run.now)
         if current.phase == "Succeeded":
             result = last_json_line(self.kube.log_tail(job.namespace, current.name, 50),
-                                    "completed") or {}
+                                    EVENT_COMPLETED) or {}
             status.update(
                 exportedModel=result.get("openvino"),
                 grid=result.get("grid"),
@@ -82,9 +83,11 @@ class InferenceJobController(Reconciler):
             return self._succeed(run, f"exported to {result.get('openvino', 'openvino/')}; "
                                  f"{result.get('images', 'the')} image(s) rendered")
         if current.phase == "Failed":
-            tail = log_excerpt(self.kube.log_tail(job.namespace, current.name, 20))
+            log_text = self.kube.log_tail(job.namespace, current.name, 40)
+            tail = log_excerpt(log_text)
             what = current.describe_exit()
-            run.event("Warning", "ExportFailed",
+            failure = last_failure(log_text)  # the trainer's own one-line message
+            run.event("Warning", "ExportFailed", f"{what}: {failure}" if failure else
                       what + (f"; last log lines:\n{tail}" if tail else ""))
             if attempt < spec.backoff_limit:
                 status["restarts"] = attempt + 1
@@ -92,7 +95,7 @@ class InferenceJobController(Reconciler):
                 run.event("Normal", "Restarting", f"retrying the export ({attempt + 1} of "
                           f"{spec.backoff_limit})")
                 return apply_kstatus(status, "Restarting", what, run.now)
-            last_line = tail.splitlines()[-1] if tail else ""
+            last_line = failure or (tail.splitlines()[-1] if tail else "")
             return self._fail(run, "ExportFailed", what + (f": {last_line}" if last_line else ""))
         if current.unschedulable:
             return apply_kstatus(status, "Unschedulable",

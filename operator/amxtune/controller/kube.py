@@ -118,10 +118,16 @@ class Kube:
 
     def log_tail(self, namespace: str, pod: str, lines: int = 20) -> str:
         """The last lines a pod's container printed; '' when the kubelet cannot say."""
+        return self._log(namespace, pod, {"tailLines": lines})
+
+    def log_head(self, namespace: str, pod: str, limit_bytes: int = 65536) -> str:
+        """The first bytes a pod's container printed; '' when the kubelet cannot say."""
+        return self._log(namespace, pod, {"limitBytes": limit_bytes})
+
+    def _log(self, namespace: str, pod: str, query: dict) -> str:
         try:
             data = self.call(
-                "GET", self.path("Pod", namespace, pod, "log"), query={"tailLines": lines},
-                timeout=10,
+                "GET", self.path("Pod", namespace, pod, "log"), query=query, timeout=10
             )
         except (ApiException, OSError) as error:
             log.debug("no logs for %s/%s: %s", namespace, pod, error)

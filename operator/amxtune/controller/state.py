@@ -73,6 +73,7 @@ class PodView:
     ready: bool
     deleting: bool
     created: datetime | None
+    node: str | None = None
     unschedulable: str | None = None
     exit_code: int | None = None
     exit_reason: str | None = None
@@ -105,6 +106,7 @@ class PodView:
             and all(c.get("ready") for c in containers),
             deleting=bool(meta.get("deletionTimestamp")),
             created=parse_time(meta.get("creationTimestamp")),
+            node=(pod.get("spec") or {}).get("nodeName"),
             unschedulable=unschedulable,
             exit_code=exit_code,
             exit_reason=exit_reason,

@@ -27,6 +27,8 @@ DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
 MODEL_MOUNT = "/models"
 HF_HOME = "/var/cache/huggingface"
+LOGS_DIR = "logs"  # inside the job's output folder: failing ranks' tracebacks
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def trainer_config(job: JobIdentity, spec: FineTuneJobSpec) -> TrainerConfig:
         revision=spec.model.revision,
         train_data_dir=data_dir,
         output_dir=f"{OUTPUT_MOUNT}/{output_path(job, spec)}",
+        require_amx=spec.workers.require_amx,
         textual_inversion=spec.textual_inversion,
         training=training,
         runtime=spec.runtime.to_trainer_options(),
@@ -145,16 +148,25 @@ def rank_environment(
     return out
 
 
-def worker_command(spec: FineTuneJobSpec, node_rank: int) -> list[str]:
+def worker_command(job: JobIdentity, spec: FineTuneJobSpec, node_rank: int) -> list[str]:
+    """The trainer's launcher (a static torchrun that fails in one line), this node's ranks.
+
+    Worker 0 keeps failing ranks' tracebacks on the output volume; the others print them in
+    the pod's log.
+    """
+    log_dir = (
+        [f"--log-dir={OUTPUT_MOUNT}/{output_path(job, spec)}/{LOGS_DIR}"] if node_rank == 0 else []
+    )
     return [
-        "torchrun",
+        "amxtune-train",
+        "launch",
         f"--nnodes={spec.workers.nodes}",
         f"--nproc-per-node={spec.workers.ranks_per_node}",
         f"--node-rank={node_rank}",
         "--master-addr=$(MASTER_ADDR)",
         "--master-port=$(MASTER_PORT)",
-        "-m",
-        "amxtune_trainer",
+        *log_dir,
+        "--",
         "textual-inversion",
         f"--config={CONFIG_MOUNT}/{CONFIG_FILE}",
     ]
@@ -223,7 +235,9 @@ def render_output_claim(job: JobIdentity, spec: FineTuneJobSpec) -> dict | None:
     return claim
 
 
-def _affinity(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> dict:
+def _affinity(
+    job: JobIdentity, spec: FineTuneJobSpec, settings: Settings, excluded_nodes: list[str]
+) -> dict:
     affinity: dict = {
         "podAntiAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": [
@@ -234,24 +248,32 @@ def _affinity(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> di
             ]
         }
     }
+    expressions = []
     if spec.workers.require_amx:
+        expressions = [
+            {"key": key, "operator": "In", "values": ["true"]}
+            for key in spec.workers.amx_node_labels or settings.amx_node_labels
+        ]
+    if excluded_nodes:  # nodes whose CPU lacked AMX despite their labels (NodeLacksAmx)
+        expressions.append(
+            {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": sorted(excluded_nodes)}
+        )
+    if expressions:
         affinity["nodeAffinity"] = {
             "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {
-                        "matchExpressions": [
-                            {"key": key, "operator": "In", "values": ["true"]}
-                            for key in spec.workers.amx_node_labels or settings.amx_node_labels
-                        ]
-                    }
-                ]
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
             }
         }
     return affinity
 
 
 def render_worker(
-    job: JobIdentity, spec: FineTuneJobSpec, settings: Settings, node_rank: int, attempt: int
+    job: JobIdentity,
+    spec: FineTuneJobSpec,
+    settings: Settings,
+    node_rank: int,
+    attempt: int,
+    excluded_nodes: list[str] | None = None,
 ) -> dict:
     claim = names.output_claim(job.name, spec.output.pvc.claim_name)
     mounts = [
@@ -284,7 +306,7 @@ def render_worker(
         "name": "trainer",
         "image": image,
         "imagePullPolicy": spec.runtime.image_pull_policy,
-        "command": worker_command(spec, node_rank),
+        "command": worker_command(job, spec, node_rank),
         "env": rank_environment(job, spec, settings, node_rank),
         "resources": resource_list(spec.workers.resources),
         "volumeMounts": mounts,
@@ -294,7 +316,7 @@ def render_worker(
     pod_spec = {
         "hostname": names.worker(job.name, node_rank),
         "subdomain": names.service(job.name),
-        "affinity": _affinity(job, spec, settings),
+        "affinity": _affinity(job, spec, settings, excluded_nodes or []),
         "containers": [container],
         "volumes": volumes,
     }
@@ -302,14 +324,19 @@ def render_worker(
 
 
 def render_finetunejob(
-    job: JobIdentity, spec: FineTuneJobSpec, settings: Settings, attempt: int = 0
+    job: JobIdentity,
+    spec: FineTuneJobSpec,
+    settings: Settings,
+    attempt: int = 0,
+    excluded_nodes: list[str] | None = None,
 ) -> FineTuneJobObjects:
     rank_layout(spec)  # fail early, before anything is rendered
     return FineTuneJobObjects(
         config_map=render_config_map(job, spec, settings),
         service=render_service(job, spec),
         pods=[
-            render_worker(job, spec, settings, rank, attempt) for rank in range(spec.workers.nodes)
+            render_worker(job, spec, settings, rank, attempt, excluded_nodes)
+            for rank in range(spec.workers.nodes)
         ],
         output_claim=render_output_claim(job, spec),
         output_claim_name=names.output_claim(job.name, spec.output.pvc.claim_name),
