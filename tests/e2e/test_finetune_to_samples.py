@@ -1,24 +1,30 @@
-"""End to end: a FineTuneJob on the real control plane really trains, exports and renders.
+"""End to end: FineTuneJobs on the real control plane really train, restart, export and render.
 
 The operator runs as in production; the worker and export pods are bound by the real scheduler
 to nodes played by tests/support/local_kubelet.py, which runs them as local processes with the
 tiny built-in model. Two worker pods on two nodes make a two-rank job that rendezvouses
-through the rendered MASTER_ADDR (the headless Service's DNS name, mapped to loopback).
+through the rendered MASTER_ADDR (the headless Service's DNS name, mapped to loopback). One
+node can be given an older CPU (tests/support/cpumask.py) while its labels still say AMX.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import shutil
+import signal
 import socket
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.support.jobs import volume
+from tests.support.controlplane import WaitAborted
+from tests.support.jobs import describe, status, volume, wait_phase
 from tests.support.local_kubelet import LOCAL_NODE_LABEL, LocalKubelet
 from tests.support.operator import OperatorProcess, install_crds
 
@@ -32,24 +38,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def manifest(port: int) -> dict:
+def manifest(nodes: int, steps: int, checkpoint_every: int, export: bool) -> dict:
     doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text()))
     doc["metadata"]["name"] = "robot"
-    doc["spec"]["training"].update(maxTrainSteps=12, checkpointingSteps=6, loggingSteps=2)
+    doc["spec"]["training"].update(maxTrainSteps=steps, checkpointingSteps=checkpoint_every,
+                                   loggingSteps=2)
     doc["spec"]["workers"] = {
-        "nodes": 2,
+        "nodes": nodes,
         "ranksPerNode": 1,
         "resources": {"cpu": "1", "memory": "4Gi"},
         "nodeSelector": {LOCAL_NODE_LABEL: "true"},
+        "requireAmx": True,  # the local nodes carry the AMX labels
     }
-    doc["spec"]["runtime"] = {"ccl": {"workerCount": 0}, "masterPort": port}
+    doc["spec"]["runtime"] = {"ccl": {"workerCount": 0}, "masterPort": free_port()}
     doc["spec"]["output"] = {"pvc": {"claimName": "robot-output", "create": {"size": "1Gi"}}}
-    doc["spec"]["export"]["numInferenceSteps"] = 4
+    if export:
+        doc["spec"]["export"]["numInferenceSteps"] = 4
+    else:
+        del doc["spec"]["export"]
     return doc
 
 
-def test_finetunejob_trains_exports_and_renders_samples(control_plane, namespace, tmp_path):
-    cp = control_plane
+@contextlib.contextmanager
+def local_cluster(cp, namespace, tmp_path, node_env=None, nodes=2):
+    """Concepts and output volumes, `nodes` local nodes, and the operator."""
     install_crds(cp)
     data, output = tmp_path / "concepts", tmp_path / "output"
     shutil.copytree(ROOT / "examples" / "concepts" / "robot", data / "robot")
@@ -57,45 +69,106 @@ def test_finetunejob_trains_exports_and_renders_samples(control_plane, namespace
     volume(cp, namespace, "concepts", host_path=data)
     volume(cp, namespace, "robot-output", make_claim=False, host_path=output)
     suffix = uuid.uuid4().hex[:6]
-    kubelet = LocalKubelet(
-        cp, [f"local-{suffix}-0", f"local-{suffix}-1"], tmp_path / "kubelet"
-    ).start()
+    names = [f"local-{suffix}-{i}" for i in range(nodes)]
+    env = {names[i]: extra for i, extra in (node_env or {}).items()}
+    kubelet = LocalKubelet(cp, names, tmp_path / "kubelet", node_env=env).start()
     operator = OperatorProcess(cp, namespace).start()
     try:
-        cp.apply_yaml(yaml.safe_dump(manifest(free_port())), namespace=namespace)
-        try:
-            cp.wait_for(
-                lambda: (
-                    (cp.get("ftj", "robot", namespace).get("status") or {}).get("phase")
-                    in ("Succeeded", "Failed")
-                ),
-                timeout=900,
-                interval=2,
-                what="the FineTuneJob to finish",
-            )
-        finally:
-            print("operator log:\n" + operator.log()[-4000:])
-            for (ns, name), pod in kubelet.pods.items():
-                print(f"--- {ns}/{name}:\n{pod.log_path.read_text(errors='replace')[-3000:]}")
-            print("kubelet errors:", kubelet.errors)
-        status = cp.get("ftj", "robot", namespace)["status"]
-        assert status["phase"] == "Succeeded", status.get("message")
-        # trained by two ranks, exported and rendered onto the output volume
-        results = output / "robot"
-        metrics = json.loads((results / "metrics.json").read_text())
-        assert metrics["world_size"] == 2
-        assert (results / "learned_embeds.safetensors").is_file()
-        assert (results / "openvino" / "model_index.json").is_file()
-        assert (results / "samples" / "grid.png").is_file()
-        # progress and results came from the pods' logs through the apiserver
-        assert status["progress"]["display"] == "12/12"
-        inference = cp.get("infj", "robot-export", namespace)["status"]
-        assert inference["phase"] == "Succeeded"
-        assert inference["images"] == 1 and inference["secondsPerImage"] > 0
-        # (the local kubelet maps /output to the volume's folder, so paths are local here)
-        assert Path(inference["imagePaths"][0]).is_file()
-        logs = cp.kubectl("logs", "robot-worker-0", "-n", namespace).stdout
-        assert '"event": "progress"' in logs
+        yield kubelet, output, names
     finally:
+        print("operator log:\n" + operator.log()[-4000:])
+        for (ns, name), pod in kubelet.pods.items():
+            print(f"--- {ns}/{name}:\n{pod.log_path.read_text(errors='replace')[-3000:]}")
+        print("kubelet errors:", kubelet.errors)
         operator.stop()
         kubelet.stop()
+
+
+def events(cp, namespace, name="robot") -> list[dict]:
+    return cp.events_for(kind="FineTuneJob", name=name, namespace=namespace)
+
+
+def wait_event(cp, namespace, reason, timeout=300) -> None:
+    """Wait for an Event of the job; fail at once when the job ends without it."""
+
+    def seen():
+        if reason in [e["reason"] for e in events(cp, namespace)]:
+            return True
+        if status(cp, namespace, "robot").get("phase") in ("Succeeded", "Failed"):
+            raise WaitAborted(f"no {reason} event before the job ended:\n"
+                              + describe(cp, namespace, "robot"))
+        return None
+
+    cp.wait_for(seen, timeout=timeout, what=f"a {reason} event")
+
+
+def test_finetunejob_survives_a_killed_worker_then_exports_and_renders(control_plane, namespace,
+                                                                       tmp_path):
+    from amxtune_trainer.cpu import probe
+
+    cp = control_plane
+    with local_cluster(cp, namespace, tmp_path) as (kubelet, output, _):
+        cp.apply_yaml(yaml.safe_dump(manifest(2, 300, 20, export=True)), namespace=namespace)
+        checkpoints = output / "robot" / "checkpoints"
+        cp.wait_for(lambda: checkpoints.is_dir() and any(checkpoints.iterdir()), timeout=300,
+                    what="a first checkpoint")
+        victim = kubelet.pods[(namespace, "robot-worker-1")]
+        assert victim.process is not None and victim.process.poll() is None, "finished early"
+        os.killpg(victim.process.pid, signal.SIGKILL)  # the node lost the worker
+        killed_at = time.monotonic()
+        final = wait_phase(cp, namespace, "Succeeded", name="robot", timeout=900)
+        assert time.monotonic() - killed_at < 900
+        logs = cp.kubectl("logs", "robot-worker-0", "-n", namespace).stdout  # via the node
+
+    assert final["restarts"] == 1 and final["attempt"] == 1
+    failed = [e["message"] for e in events(cp, namespace) if e["reason"] == "WorkerFailed"]
+    assert len(failed) == 1 and "robot-worker-1 exited with code 137" in failed[0]
+    assert "Restarting" in [e["reason"] for e in events(cp, namespace)]
+    # the second attempt resumed from the checkpoint instead of starting again
+    results = output / "robot"
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 300
+    assert 20 <= metrics["resumed_from_step"] < 300
+    assert (results / "learned_embeds.safetensors").is_file()
+    # the precision this CPU supports, reported by rank 0 and shown in the job's status
+    expected = "bf16" if probe().native_bf16 else "fp32"
+    assert metrics["mixed_precision"]["used"] == expected
+    assert final["trainer"]["mixedPrecision"] == expected and final["trainer"]["attempt"] == 1
+    assert final["trainer"]["cpu"] == metrics["cpu"]["summary"]
+    table = cp.kubectl("get", "ftj", "robot", "-n", namespace).stdout
+    assert expected in table.splitlines()[1]
+    # exported and rendered onto the output volume
+    assert (results / "openvino" / "model_index.json").is_file()
+    assert (results / "samples" / "grid.png").is_file()
+    assert final["progress"]["display"] == "300/300"
+    inference = cp.get("infj", "robot-export", namespace)["status"]
+    assert inference["phase"] == "Succeeded"
+    assert inference["images"] == 1 and inference["secondsPerImage"] > 0
+    # (the local kubelet maps /output to the volume's folder, so paths are local here)
+    assert Path(inference["imagePaths"][0]).is_file()
+    assert '"event": "progress"' in logs and '"event": "started"' in logs
+
+
+def test_a_worker_on_a_node_without_amx_moves_to_another_node(control_plane, namespace,
+                                                              tmp_path, avx2_cpu):
+    """Node 0 is labelled AMX but its CPU has only AVX2; the worker stops at once and the
+    job goes on on node 1, without spending a restart."""
+    cp = control_plane
+    with local_cluster(cp, namespace, tmp_path, node_env={0: avx2_cpu}) as (_, output, nodes):
+        bad, good = nodes
+        cp.kubectl("cordon", good)  # the first attempt can only land on the bad node
+        doc = manifest(1, 4, 2, export=False)
+        doc["spec"]["backoffLimit"] = 0
+        cp.apply_yaml(yaml.safe_dump(doc), namespace=namespace)
+        wait_event(cp, namespace, "NodeLacksAmx")
+        cp.kubectl("uncordon", good)
+        final = wait_phase(cp, namespace, "Succeeded", name="robot", timeout=600)
+
+    lacks = next(e for e in events(cp, namespace) if e["reason"] == "NodeLacksAmx")
+    assert f"ran on node {bad}" in lacks["message"]
+    assert "has no amx_bf16, amx_tile" in lacks["message"], describe(cp, namespace, "robot")
+    assert final["excludedNodes"] == [bad]
+    assert final["restarts"] == 0 and final["attempt"] == 1
+    assert final["trainer"]["node"] == good
+    metrics = json.loads((output / "robot" / "metrics.json").read_text())
+    assert metrics["steps"] == 4

@@ -82,6 +82,11 @@ class ComponentDied(ControlPlaneError):
     """A control-plane process exited; waiting any longer is pointless."""
 
 
+class WaitAborted(AssertionError):
+    """Raised by a `wait_for` condition that knows it can no longer become true (a job
+    that ended or stalled otherwise): the wait ends at once with this message."""
+
+
 class KubectlError(ControlPlaneError):
     """kubectl exited non-zero; `stderr` holds the apiserver's message."""
 
@@ -357,9 +362,9 @@ def wait_for(
 ) -> T:
     """Call `condition` until it returns something truthy and return that value.
 
-    Exceptions from `condition` count as "not yet" (except `ComponentDied`, raised at
-    once); the last one is reported when the deadline passes, in a `TimeoutError`
-    naming `what`.
+    Exceptions from `condition` count as "not yet" (except `ComponentDied` and
+    `WaitAborted`, raised at once); the last one is reported when the deadline passes, in a
+    `TimeoutError` naming `what`.
     """
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -369,7 +374,7 @@ def wait_for(
             last_value = condition()
             if last_value:
                 return last_value
-        except ComponentDied:
+        except (ComponentDied, WaitAborted):
             raise
         except Exception as exc:  # the condition decides what counts as "not yet"
             last_error = exc

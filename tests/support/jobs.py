@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.controlplane import ControlPlane
+from tests.support.controlplane import ControlPlane, WaitAborted
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
@@ -74,12 +74,32 @@ def status(cp: ControlPlane, namespace: str, name: str = "dicoo", kind: str = "f
     return found.get("status") or {}
 
 
+def describe(cp: ControlPlane, namespace: str, name: str, kind: str = "ftj") -> str:
+    """The job's status and Events, for an assertion message."""
+    found = cp.get(kind, name, namespace) or {}
+    events = cp.events_for(kind=found.get("kind"), name=name, namespace=namespace)
+    lines = [f"  {e.get('type')} {e.get('reason')}: {e.get('message')}" for e in events]
+    return (f"status: {yaml.safe_dump(found.get('status') or {}, width=120)}"
+            "events:\n" + "\n".join(lines))
+
+
 def wait_phase(cp, namespace, phase, name="dicoo", kind="ftj", timeout=60) -> dict:
-    return cp.wait_for(
-        lambda: (s := status(cp, namespace, name, kind)).get("phase") == phase and s,
-        timeout=timeout,
-        what=f"{kind}/{name} phase {phase}",
-    )
+    """Wait for `phase`; fail at once, with the status and Events, when the job ends in
+    another phase or stalls instead."""
+
+    def reached():
+        current = status(cp, namespace, name, kind)
+        if current.get("phase") == phase:
+            return current
+        stalled = any(c["type"] == "Stalled" and c["status"] == "True"
+                      for c in current.get("conditions", []))
+        if current.get("phase") in ("Succeeded", "Failed") or stalled:
+            raise WaitAborted(f"{kind}/{name} is {current.get('phase')} "
+                              f"({current.get('message')}), not {phase}:\n"
+                              + describe(cp, namespace, name, kind))
+        return None
+
+    return cp.wait_for(reached, timeout=timeout, what=f"{kind}/{name} phase {phase}")
 
 
 def worker_pods(cp: ControlPlane, namespace: str, job_name: str = "dicoo") -> list[dict]:

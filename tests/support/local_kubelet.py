@@ -85,9 +85,19 @@ class _LogHandler(http.server.BaseHTTPRequestHandler):
 
 
 class LocalKubelet:
-    def __init__(self, cp: ControlPlane, nodes: list[str], workdir: Path) -> None:
+    """`node_env`: extra environment for every pod of a node, e.g. the CPU mask of
+    tests/support/cpumask.py, which makes a node's CPU look older than the machine's."""
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        nodes: list[str],
+        workdir: Path,
+        node_env: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.cp = cp
         self.nodes = nodes
+        self.node_env = node_env or {}
         self.workdir = workdir
         self.pods: dict[tuple[str, str], LocalPod] = {}
         self.stopping = threading.Event()
@@ -257,7 +267,11 @@ class LocalKubelet:
                 seen.add(key)
                 local = self.pods.get(key)
                 if local is not None and local.uid != pod.metadata.uid:
-                    continue  # an old pod of the same name still finishing
+                    # A new pod of the same name (a restart's next attempt): the old one is
+                    # gone from the API, so stop what is left of it and run the new one.
+                    self._kill(local)
+                    del self.pods[key]
+                    local = None
                 if pod.metadata.deletion_timestamp:
                     if local is not None:
                         self._kill(local)
@@ -268,7 +282,8 @@ class LocalKubelet:
         for key, local in list(self.pods.items()):
             if local.process and local.process.poll() is not None and not local.finished:
                 local.finished = True
-                self._report_exit(local, local.process.returncode)
+                code = local.process.returncode  # a signal as a container runtime reports it
+                self._report_exit(local, 128 - code if code < 0 else code)
             if key not in seen and local.finished:
                 del self.pods[key]
 
@@ -311,6 +326,7 @@ class LocalKubelet:
                 folder,
             )
             env = self._environment(meta["namespace"], container.get("env", []), paths)
+            env.update(self.node_env.get(spec.get("nodeName", ""), {}))
             self._rewrite_files(paths, folder)
             command = [
                 self._rewrite(ENV_REF.sub(lambda m: env.get(m.group(1), m.group(0)), a), paths)
