@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from amxtune import manifest
-from amxtune.api.events import EVENT_PROGRESS
+from amxtune.api.events import EVENT_PROGRESS, EVENT_STARTED
 from amxtune.api.finetunejob import FineTuneJobSpec, ModelSource
 from amxtune.api.inferencejob import InferenceTask
 from amxtune.api.kube import PvcPath
@@ -202,7 +202,8 @@ class ProgressBar:
 
 
 def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> int:
-    """Run one step; progress lines feed the bar, other lines pass through. Ctrl-C stops it."""
+    """Run one step; progress lines feed the bar, the started line becomes one sentence, other
+    lines pass through. Ctrl-C stops it."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
@@ -214,9 +215,14 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
                     record = json.loads(line)
                 except ValueError:
                     record = None
-            is_progress = isinstance(record, dict) and record.get("event") == EVENT_PROGRESS
-            if bar is not None and is_progress:
+            event = record.get("event") if isinstance(record, dict) else None
+            if bar is not None and event == EVENT_PROGRESS:
                 bar.update(record)
+            elif event == EVENT_STARTED:
+                assert isinstance(record, dict)
+                print(f"amxtune run: training in {record.get('precision')} "
+                      f"({record.get('precision_reason')}) on {record.get('cpu')}",
+                      file=sys.stderr, flush=True)
             else:
                 if bar is not None and bar.tty:
                     bar.stream.write("\r\033[K")

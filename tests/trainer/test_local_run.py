@@ -66,6 +66,8 @@ def test_run_trains_with_two_ranks_and_resumes_after_ctrl_c(tmp_path):
     assert metrics["steps"] == 12 and metrics["world_size"] == 2
     assert (results / "learned_embeds.safetensors").is_file()
     assert "training: 12/12" in stderr  # progress reached the user
+    expected = metrics["mixed_precision"]["used"]
+    assert f"amxtune run: training in {expected} (" in stderr  # and what the trainer chose
 
 
 def manifest_with_steps(path: Path, steps: int) -> Path:

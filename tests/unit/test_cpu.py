@@ -116,12 +116,13 @@ def test_explicit_bf16_without_avx512_runs_unpacked_with_two_notices():
         "packed bf16 convolutions off",
     ]
     assert "no AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT" in chosen.notices[1]
+    assert "about 35x slower than fp32" in chosen.notices[0]
 
 
 def test_explicit_bf16_on_avx512_without_bf16_keeps_packed_convolutions():
     chosen = plan_for(AVX512, "bf16")
     assert chosen.bf16 and chosen.packed_convolutions  # oneDNN runs bf16 there (emulated)
-    assert len(chosen.notices) == 1
+    assert len(chosen.notices) == 1 and "about 2.3x slower than fp32" in chosen.notices[0]
 
 
 def test_explicit_fp32_is_fp32_everywhere():

@@ -234,10 +234,12 @@ def choose_precision(requested: str, cpus: list[CpuInfo]) -> tuple[str, str, lis
         who = f"{len(lacking)} of the {len(cpus)} ranks' CPUs lack"
     if requested == "bf16":
         if lacking:
+            # measured per step on sd15-arch (docs/performance.md, "CPU classes")
+            slower = "2.3x" if all(c.avx512 for c in lacking) else "35x"
             return "bf16", "asked for", [
                 f"bf16 asked for, but {who} native bf16 (AMX or AVX512-BF16; "
-                f"{lacking[0].summary()}): it trains correctly but slower than fp32; "
-                "mixedPrecision auto or no would choose fp32"
+                f"{lacking[0].summary()}): it trains correctly but about {slower} slower than "
+                "fp32; mixedPrecision auto or no would choose fp32"
             ]
         return "bf16", "asked for", []
     if requested == "no":
