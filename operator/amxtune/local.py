@@ -130,8 +130,10 @@ class LocalPlan:
         return config.to_wire()
 
     def environment(self) -> dict[str, str]:
-        """The pods' rank environment, adapted: local threads, preloads that exist here."""
+        """The pods' rank environment, adapted: local threads, preloads that exist here (after
+        the user's own LD_PRELOAD, which is kept)."""
         env = dict(os.environ)
+        own_preload = env.get("LD_PRELOAD", "")
         for item in rank_environment(self.job, self.spec, Settings(), node_rank=0):
             if "value" in item and item["name"] not in CLUSTER_ONLY_ENV:
                 env[item["name"]] = item["value"]
@@ -141,7 +143,8 @@ class LocalPlan:
             env.setdefault(quiet, "1")
         for library in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
             env.setdefault(library, "error")
-        preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and Path(p).exists()]
+        wanted = f"{own_preload}:{env.get('LD_PRELOAD', '')}".split(":")
+        preload = [p for p in wanted if p and Path(p).exists()]
         prefix_iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
         if self.spec.runtime.open_mp == "iomp5" and prefix_iomp.exists():
             preload.append(str(prefix_iomp))

@@ -482,7 +482,12 @@ class LocalKubelet:
 
                 value = base64.b64decode(secret.data[ref["key"]]).decode()
             env[entry["name"]] = self._rewrite(value, paths)
-        env.pop("LD_PRELOAD", None)  # the image's libraries are not on this machine
+        # The image's libraries are not on this machine; the node's own preloads (e.g. a CPU
+        # mask for the whole test run) stay.
+        if os.environ.get("LD_PRELOAD"):
+            env["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
+        else:
+            env.pop("LD_PRELOAD", None)
         return env
 
     @staticmethod

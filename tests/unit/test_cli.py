@@ -70,3 +70,22 @@ def test_crds_print_both_definitions():
     assert result.returncode == 0
     names = [d["metadata"]["name"] for d in yaml.safe_load_all(result.stdout)]
     assert names == ["finetunejobs.amxtune.io", "inferencejobs.amxtune.io"]
+
+
+def test_amxtune_run_keeps_the_users_preload_and_drops_the_images_paths(tmp_path, monkeypatch):
+    import argparse
+
+    from amxtune.local import LocalPlan
+
+    own = tmp_path / "libmine.so"
+    own.write_bytes(b"")
+    monkeypatch.setenv("LD_PRELOAD", str(own))
+    args = argparse.Namespace(file=str(ROOT / "examples" / "demo.yaml"), model=None, data=None,
+                              volume=[], output=tmp_path, ranks=None, max_train_steps=None,
+                              no_export=True)
+    plan = LocalPlan(args)
+    preload = plan.environment()["LD_PRELOAD"].split(":")
+    assert preload[0] == str(own)
+    assert all(Path(p).exists() for p in preload)  # the image's tcmalloc path is not here
+    config = plan.trainer_config()
+    assert config["requireAmx"] is False and config["outputDir"] == str(tmp_path / "robot-toy")
