@@ -150,6 +150,9 @@ def test_precision_is_decided_for_every_rank_together():
     on_epyc = cpu.plan(mixed, 1, "auto", True, False, compiler=None)
     assert on_amx.precision == on_epyc.precision == "no"
     assert "1 of the 2 ranks' CPUs lack native bf16" in on_amx.precision_reason
+    nowhere = cpu.plan([info(AVX2)] * 2, 1, "auto", True, False, compiler=None)
+    assert nowhere.precision_reason == "auto: every rank's CPU lacks native bf16 (AMX or " \
+        "AVX512-BF16)"
     everywhere = cpu.plan([info(AMX)] * 4, 2, "auto", True, False, compiler=None)
     assert everywhere.bf16 and everywhere.packed_convolutions
     asked = cpu.plan(mixed, 1, "bf16", True, False, compiler=None)

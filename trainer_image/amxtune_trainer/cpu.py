@@ -230,6 +230,8 @@ def choose_precision(requested: str, cpus: list[CpuInfo]) -> tuple[str, str, lis
     lacking = [c for c in cpus if not c.native_bf16]
     if len(cpus) == 1:
         who = "this CPU lacks"
+    elif len(lacking) == len(cpus):
+        who = "every rank's CPU lacks"
     else:
         who = f"{len(lacking)} of the {len(cpus)} ranks' CPUs lack"
     if requested == "bf16":

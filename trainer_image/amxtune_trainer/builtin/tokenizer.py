@@ -91,10 +91,12 @@ def train_bpe(words: list[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer(folder: Path, vocab_size: int | None = None, num_merges: int = 600) -> Path:
-    """Write a CLIP-format tokenizer folder; `vocab_size` pads with unused entries (SD size)."""
+def write_tokenizer(folder: Path, vocab_size: int | None = None, num_merges: int = 600,
+                    corpus: list[str] | None = None) -> Path:
+    """Write a CLIP-format tokenizer folder; `vocab_size` pads with unused entries (SD size).
+    `corpus`: the words to learn merges from (default CORPUS)."""
     table = bytes_to_unicode()
-    merges = train_bpe(CORPUS, num_merges)
+    merges = train_bpe(CORPUS if corpus is None else corpus, num_merges)
     tokens = list(table.values()) + [c + "</w>" for c in table.values()]
     tokens += ["".join(pair) for pair in merges]
     tokens = list(dict.fromkeys(tokens))  # a merge can recreate an existing symbol
