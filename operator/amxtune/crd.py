@@ -20,7 +20,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema, to_jsonable_python
 
 from amxtune.api import finetunejob, inferencejob
-from amxtune.names import MAX_JOB_NAME
+from amxtune.names import MAX_INFERENCE_JOB_NAME, MAX_JOB_NAME
 
 INT_OR_STRING = "x-kubernetes-int-or-string"
 VALIDATIONS = "x-kubernetes-validations"
@@ -63,9 +63,10 @@ def _structural(node: Any, definitions: dict[str, Any]) -> Any:
                 node = {**options[0], **node}
             elif {o.get("type") for o in options} == {"string", "integer"}:
                 node[INT_OR_STRING] = True
-                # a pattern applies to the string form only, as in core types
-                string = next(o for o in options if o.get("type") == "string")
-                node.update({k: v for k, v in string.items() if k != "type"})
+                # a pattern applies to the string form only, a minimum to the integer form,
+                # as in core types
+                for option in options:
+                    node.update({k: v for k, v in option.items() if k != "type"})
             else:
                 raise ValueError(f"cannot express anyOf {options} in a structural schema")
     if node.get(INT_OR_STRING):
@@ -136,6 +137,11 @@ KINDS = [
                 "message": f"metadata.name must be at most {MAX_JOB_NAME} characters: worker "
                 "pods are named NAME-worker-N and pod host names are DNS labels (63)",
             },
+            {
+                "rule": "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+                "message": "metadata.name must be a DNS label (lowercase letters, digits, '-'; "
+                "no dots): the workers' Service and host names are made from it",
+            },
             *[
                 _started(path)
                 for path in ("method", "model", "data", "textualInversion", "training", "workers")
@@ -154,6 +160,13 @@ KINDS = [
             {"name": "Images", "type": "integer", "jsonPath": ".status.images"},
             {"name": "Sec/Image", "type": "number", "jsonPath": ".status.secondsPerImage"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        root_rules=[
+            {
+                "rule": f"size(self.metadata.name) <= {MAX_INFERENCE_JOB_NAME}",
+                "message": f"metadata.name must be at most {MAX_INFERENCE_JOB_NAME} characters: "
+                "it is the value of the amxtune.io/job label of its pod",
+            },
         ],
     ),
 ]

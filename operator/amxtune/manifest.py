@@ -6,6 +6,7 @@ rejected by `kubectl apply`, with the same field path.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,14 +65,16 @@ def parse(doc: object, source: str = "manifest") -> Manifest:
             f"{source}: metadata.name must be a DNS label (lowercase letters, digits, '-'), "
             f"got {name!r}"
         )
-    if kind == "FineTuneJob" and len(name) > names.MAX_JOB_NAME:
-        raise ManifestError(
-            f"{source}: metadata.name must be at most {names.MAX_JOB_NAME} characters"
-        )
+    limit = names.MAX_JOB_NAME if kind == "FineTuneJob" else names.MAX_INFERENCE_JOB_NAME
+    if len(name) > limit:
+        raise ManifestError(f"{source}: metadata.name must be at most {limit} characters")
     if not isinstance(doc.get("spec"), dict):
         raise ManifestError(f"{source}: spec is required and must be a mapping")
     try:
-        spec = SPECS[kind].model_validate(doc["spec"])
+        # strict JSON validation, as the apiserver's schema check: "4" is not an integer and
+        # "yes" not a boolean (lax Python validation would coerce both)
+        spec = SPECS[kind].model_validate_json(json.dumps(doc["spec"], default=str),
+                                               strict=True)
     except ValidationError as error:
         raise ManifestError(f"{source}: {describe_validation_error(error)}") from None
     identity = JobIdentity(name, meta.get("namespace") or "default", meta.get("uid", ""), kind)

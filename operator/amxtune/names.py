@@ -11,6 +11,8 @@ MANAGED_BY = "amxtune-operator"
 
 # "NAME-worker-255" must stay a DNS label (63 characters): pods use it as their host name.
 MAX_JOB_NAME = 48
+# An InferenceJob's name is a label value of its pod (at most 63 characters).
+MAX_INFERENCE_JOB_NAME = 63
 
 
 def config_map(job: str) -> str:

@@ -258,6 +258,62 @@ def test_missing_secret_blocks_and_creates_no_pods(crds, operator, namespace):
     )
 
 
+def refuse_pods_of(cp: ControlPlane, namespace: str, message: str) -> str:
+    """A ValidatingAdmissionPolicy, as a cluster admin writes them (memory caps, required
+    labels, ...): the apiserver refuses every pod created in `namespace` with `message`."""
+    name = f"refuse-pods-{namespace}"[:63]
+    cp.apply_yaml(yaml.safe_dump_all([
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": name},
+         "spec": {"failurePolicy": "Fail",
+                  "matchConstraints": {"resourceRules": [{
+                      "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                      "resources": ["pods"]}]},
+                  "validations": [{"expression": "false", "message": message,
+                                   "reason": "Invalid"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1",
+         "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+         "spec": {"policyName": name, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels": {
+                      "kubernetes.io/metadata.name": namespace}}}}},
+    ]))
+    probe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"},
+             "spec": {"containers": [{"name": "c", "image": "x"}]}}
+
+    def refusing() -> bool:  # the policy takes a moment to take effect
+        try:
+            cp.apply_yaml(yaml.safe_dump(probe), namespace=namespace)
+        except KubectlError as error:
+            return message in error.stderr
+        cp.kubectl("delete", "pod", "probe", "-n", namespace, "--wait=false")
+        return False
+
+    cp.wait_for(refusing, what="the admission policy to refuse pods")
+    return name
+
+
+def test_a_pod_the_apiserver_refuses_fails_the_job_at_once_with_its_message(crds, operator,
+                                                                            namespace):
+    """Pods the apiserver refuses (here an admission policy; also anything the CRD cannot
+    check, such as node-selector keys) fail the job at once with the apiserver's message,
+    instead of a silent retry loop."""
+    cp = crds
+    message = "worker pods need a memory limit of at most 8Gi in this namespace"
+    policy = refuse_pods_of(cp, namespace, message)
+    try:
+        submit(cp, namespace, job())
+        failed = wait_phase(cp, namespace, "Failed")
+    finally:
+        cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                   policy)
+    stalled = next(c for c in failed["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ObjectRefused"
+    assert "the API server refused Pod dicoo-worker-" in stalled["message"]
+    assert message in stalled["message"]
+    assert "Failed" in reasons(cp, namespace)
+    assert worker_pods(cp, namespace) == []
+
+
 def test_a_model_the_hub_does_not_know_blocks_and_creates_no_pods(crds, operator, namespace):
     cp = crds
     doc = job()

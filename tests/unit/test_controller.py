@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from amxtune import names
 from amxtune.controller.finetunejob import FineTuneJobController
 from amxtune.controller.inferencejob import InferenceJobController
+from amxtune.controller.kube import Refused
 from amxtune.settings import Settings
 from tests.support.hub import shared_hub
 
@@ -32,6 +34,7 @@ class FakeKube:
         self.events: list[tuple[str, str, str, str]] = []
         self.logs: dict[str, str] = {}
         self.creates = 0
+        self.refuse: dict[str, str] = {}  # kind -> the apiserver's message
 
     def put(self, obj: dict) -> dict:
         obj = copy.deepcopy(obj)
@@ -75,6 +78,10 @@ class FakeKube:
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         if key in self.objects:
             return False
+        if obj["kind"] in self.refuse:  # as the apiserver answers an invalid object
+            body = json.dumps({"message": self.refuse[obj["kind"]]}).encode()
+            raise Refused(obj, ApiException(status=422, reason="Unprocessable Entity",
+                                            body=body))
         self.creates += 1
         self.put(obj)
         return True
@@ -408,6 +415,49 @@ def test_success_creates_the_inference_job_then_succeeds_with_it(world):
     assert status["outputs"]["samples"] == "/output/dicoo/samples/grid.png"
 
 
+def test_a_pod_the_apiserver_refuses_fails_the_job_at_once_and_stops_its_pods(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    message = ('Pod "dicoo-worker-1" is invalid: spec.containers[0].resources.requests'
+               '[memory]: Invalid value: "-1Gi": must be greater than or equal to 0')
+    created = []
+    original = kube.create
+
+    def create(obj):  # worker 0 goes through, worker 1 is refused
+        if obj["kind"] == "Pod" and obj["metadata"]["name"].endswith("-1"):
+            kube.refuse["Pod"] = message
+        created.append(obj["metadata"]["name"])
+        return original(obj)
+
+    kube.create = create
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Failed"
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "ObjectRefused"
+    assert stalled["message"] == f"the API server refused Pod dicoo-worker-1: {message}"
+    assert kube.pods() == []  # worker 0, created before the refusal, is gone
+    assert kube.reasons() == ["OutputVolumeCreated", "Failed"]
+    ftj.reconcile("ns", "dicoo")
+    assert kube.reasons() == ["OutputVolumeCreated", "Failed"]
+
+
+def test_a_shared_object_the_apiserver_refuses_blocks_the_start_until_fixed(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    kube.refuse["Service"] = 'Service "dicoo-workers" is invalid: metadata.name: Invalid value'
+    ftj.reconcile("ns", "dicoo")
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Pending" and kube.pods() == []
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "ObjectRefused" and "Service dicoo-workers" in stalled["message"]
+    assert kube.reasons().count("ObjectRefused") == 1  # said once, not on every pass
+    del kube.refuse["Service"]
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Running" and len(kube.pods()) == 2
+
+
 def test_missing_secret_blocks_without_creating_anything(world):
     kube, _clock, ftj, _ = world
     kube.put(example(model={"name": "org/model", "tokenSecretRef": {"name": "hf-token"}}))
@@ -488,3 +538,38 @@ def test_active_deadline_fails_the_job(world):
     assert kube.status()["phase"] == "Failed"
     assert kube.status()["message"].startswith("the job ran longer")
     assert kube.pods() == []
+
+
+def test_a_job_that_keeps_failing_to_reconcile_is_retried_with_exponential_backoff(world):
+    from amxtune.controller.main import BACKOFF_CAP_SECONDS, Operator
+
+    kube, _clock, _, _ = world
+    kube.put(example())
+    now = [0.0]
+    operator = Operator(kube, Settings(progress_interval_seconds=5,
+                                       hub_endpoint=shared_hub().url), None,
+                        clock=lambda: now[0])
+    calls = []
+    original = kube.list_pods
+
+    def broken(*args, **kwargs):  # e.g. the apiserver answering 500
+        calls.append(now[0])
+        raise RuntimeError("apiserver unavailable")
+
+    kube.list_pods = broken
+    for second in range(0, 80):  # a resync pass every 5 s for 80 s
+        now[0] = float(second)
+        if second % 5 == 0:
+            operator.resync_once()
+    # tried at 0, then after 5, 10, 20, 40 s: not on every pass
+    assert calls == [0.0, 5.0, 15.0, 35.0, 75.0]
+    operator.reconcile("FineTuneJob", "ns", "dicoo")  # a watch event retries at once
+    assert len(calls) == 6
+    assert operator._failures[("FineTuneJob", "ns", "dicoo")][0] == 6
+    operator.reconcile("FineTuneJob", "ns", "dicoo")  # the 7th failure: 5 * 2**6 > the cap
+    assert operator._failures[("FineTuneJob", "ns", "dicoo")][1] == now[0] + BACKOFF_CAP_SECONDS
+    kube.list_pods = original
+    now[0] = 1000.0
+    operator.resync_once()
+    assert ("FineTuneJob", "ns", "dicoo") not in operator._failures  # healed: backoff reset
+    assert kube.status()["phase"] == "Running"

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from amxtune import crd
+from amxtune.api.kube import POSITIVE_QUANTITY_PATTERN
 
 pytestmark = pytest.mark.unit
 
@@ -54,7 +55,8 @@ def test_defaults_live_in_the_schema():
         "default": "4",
         "description": "CPU cores per worker pod (one per node).",
         "x-kubernetes-int-or-string": True,
-        "pattern": "^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$",
+        "pattern": POSITIVE_QUANTITY_PATTERN,  # for the string form
+        "minimum": 1,  # for the integer form
     }
 
 

@@ -1,6 +1,7 @@
 """Rendering: golden files for whole manifests, and the resource math for several sizes."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,25 @@ def test_inference_job_for_a_finetunejob_uses_its_output_and_prompts():
     assert body["spec"]["prompts"] == item.spec.export.prompts
     # saveAsFullPipeline: the export starts from pipeline/, no base model needed
     assert "model" not in body["spec"]["source"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"workers": {"nodes": "4"}}, "spec.workers.nodes: Input should be a valid integer"),
+        ({"suspend": "yes"}, "spec.suspend: Input should be a valid boolean"),
+        ({"training": {"learningRate": "0.1"}},
+         "spec.training.learningRate: Input should be a valid number"),
+    ],
+)
+def test_offline_validation_does_not_coerce_what_the_apiserver_refuses(change, message):
+    """kubectl refuses `nodes: "4"` (a string for an integer); `amxtune run` must too."""
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            doc["spec"].setdefault(key, {}).update(value)
+        else:
+            doc["spec"][key] = value
+    with pytest.raises(manifest.ManifestError, match=re.escape(message)):
+        manifest.parse(doc)
+    assert manifest.parse(yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text()))

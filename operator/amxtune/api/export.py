@@ -63,7 +63,18 @@ class OpenVINOExportOptions(ApiModel):
         return value
 
 
-NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000)]
+# pattern: the apiserver does not strip, so it must see a non-space character itself
+NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000,
+                                            pattern=r"\S")]
+
+
+class Baseline(ApiModel):
+    """A second rendering of every prompt that contains `token`, with `token` replaced by
+    `text`, from the same seeds: for a textual inversion, the initializer word shows what the
+    token drew before training."""
+
+    token: NonBlank = Field(description="The learned token as the prompts write it.")
+    text: NonBlank = Field(description="What replaces it, e.g. the initializer word.")
 
 
 class GenerationOptions(ApiModel):
@@ -93,6 +104,12 @@ class GenerationOptions(ApiModel):
         ge=0,
         le=2**32 - 1,
         description="Seed of the initial noise; call k (prompts k*batch..) uses seed + k.",
+    )
+    baseline: Baseline | None = Field(
+        default=None,
+        description="Also render the prompts with the token replaced (e.g. by the initializer "
+        "word: the token before training), from the same seeds; grid.png shows each baseline "
+        "image left of its result.",
     )
 
     @field_validator("negative_prompt")

@@ -7,13 +7,27 @@ writes the spec. Rules the apiserver can check (CEL) are attached with `cel(...)
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 from pydantic import Field, model_validator
 
 from amxtune.api.base import ApiModel, cel
 from amxtune.api.export import ExportSpec
-from amxtune.api.kube import EnvVar, Name, PvcPath, Quantity, Resources, SecretKeyRef, Toleration
+from amxtune.api.kube import (
+    LABEL_KEY_PATTERN,
+    EnvVar,
+    LabelKey,
+    LabelValue,
+    Name,
+    PvcPath,
+    Quantity,
+    Resources,
+    SecretKeyRef,
+    Toleration,
+    check_sub_path,
+    sub_path_rule,
+)
 from amxtune.api.training import TextualInversionOptions, TrainerRuntimeOptions, TrainingOptions
 
 GROUP = "amxtune.io"
@@ -36,7 +50,7 @@ class ModelSource(ApiModel):
     name: str | None = Field(
         default=None, min_length=1,
         description="Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a built-in "
-        "model ('tiny', 'sd15-arch').",
+        "model ('toyworld', 'tiny', 'sd15-arch').",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
     token_secret_ref: SecretKeyRef | None = Field(
@@ -83,17 +97,27 @@ class Workers(ApiModel):
     require_amx: bool = Field(
         default=True, description="Only schedule on nodes labelled with every amxNodeLabels key."
     )
-    amx_node_labels: list[str] | None = Field(
+    amx_node_labels: list[LabelKey] | None = Field(
         default=None, min_length=1,
         description="Node labels (value 'true') that mark AMX nodes; the operator's configured "
         "keys when empty (Node Feature Discovery's AMXBF16 and AMXTILE by default).",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    # Keys are checked here and by the apiserver when the pods are created (ObjectRefused): a
+    # CEL rule over map keys costs more than the apiserver allows a CRD.
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=64)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
     shm_size: Quantity = Field(default="2Gi", description="Size of the memory-backed /dev/shm.")
     scheduling_timeout_seconds: int | None = Field(
         default=None, ge=1, description="Fail when workers stay unschedulable this long."
     )
+
+    @model_validator(mode="after")
+    def _selector_keys_are_label_keys(self) -> Workers:
+        for key in self.node_selector:
+            if not re.match(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"nodeSelector key {key!r} is not a label key ([prefix/]name of "
+                                 "letters, digits, '-', '_', '.')")
+        return self
 
 
 class CclTransport(StrEnum):
@@ -129,7 +153,8 @@ class Runtime(TrainerRuntimeOptions):
     image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
     ccl: Ccl = Field(default_factory=Ccl)
     network_interface: str = Field(
-        default="eth0", min_length=1, description="I_MPI_HYDRA_IFACE / the ranks' interface."
+        default="eth0", min_length=1, max_length=15, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.:@]*$",
+        description="I_MPI_HYDRA_IFACE / the ranks' interface (a Linux interface name).",
     )
     memory_allocator: MemoryAllocator = Field(default=MemoryAllocator.tcmalloc)
     open_mp: OpenMP = Field(default=OpenMP.iomp5, alias="openMP")
@@ -144,7 +169,7 @@ class Runtime(TrainerRuntimeOptions):
 
 class PvcCreate(ApiModel):
     size: Quantity = Field(default="20Gi")
-    storage_class_name: str | None = None
+    storage_class_name: Name | None = None
     access_mode: str = Field(
         default="ReadWriteOnce", pattern="^(ReadWriteOnce|ReadWriteMany|ReadWriteOncePod)$"
     )
@@ -171,10 +196,19 @@ class OutputVolume(ApiModel):
 
 
 class Output(ApiModel):
+    model_config = cel(sub_path_rule("path"), "path must be a relative path inside the volume, "
+                       "without '..'")
+
     pvc: OutputVolume = Field(default_factory=lambda: OutputVolume(create=PvcCreate()))
     path: str | None = Field(
-        default=None, description="Folder inside the volume; the job's name by default."
+        default=None, max_length=1024,
+        description="Folder inside the volume; the job's name by default.",
     )
+
+    @model_validator(mode="after")
+    def _inside(self) -> Output:
+        check_sub_path(self.path)
+        return self
 
 
 class FineTuneJobSpec(ApiModel):

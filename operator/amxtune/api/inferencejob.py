@@ -54,6 +54,9 @@ class InferenceTask(ExportSpec):
     revision: str | None = None
     embeddings: str = "learned_embeds.safetensors"
     output_dir: str = Field(min_length=1)
+    concept_dir: str | None = Field(
+        default=None, description="Images of the concept (amxtune run has them at hand): "
+        "generation.json then scores how much the samples look like them.")
 
 
 class InferenceJobStatus(ApiModel):

@@ -5,12 +5,14 @@ trainer's command-line flags can be derived from them and commands written for t
 script keep working; on the wire (CRD, config JSON) they are camelCase.
 """
 
+from __future__ import annotations
+
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from amxtune.api.base import ApiModel
+from amxtune.api.base import ApiModel, cel
 
 # The CRD checks it too (the validator below gives the clearer message in Python).
 MULTIPLE_OF_8 = {"multipleOf": 8}
@@ -51,7 +53,13 @@ class DistributedBackend(StrEnum):
 class TextualInversionOptions(ApiModel):
     """What concept to learn and how it is represented."""
 
-    placeholder_token: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+    model_config = cel("self.placeholderToken != self.initializerToken",
+                       "placeholderToken must differ from initializerToken: the new token "
+                       "starts from the initializer's embedding and must not replace it")
+
+    # the schema's pattern is for the apiserver; offline, the validator below words it better
+    placeholder_token: Annotated[str, Field(min_length=1, max_length=64,
+                                            json_schema_extra={"pattern": r"^\S+$"})] = Field(
         description="New token that stands for the concept in prompts, e.g. '<dicoo>'. It must "
         "not already be in the tokenizer's vocabulary."
     )
@@ -78,6 +86,13 @@ class TextualInversionOptions(ApiModel):
         if any(ch.isspace() for ch in value):
             raise ValueError("must be a single token without whitespace, e.g. '<dicoo>'")
         return value
+
+    @model_validator(mode="after")
+    def _new_token(self) -> TextualInversionOptions:
+        if self.placeholder_token == self.initializer_token:
+            raise ValueError("placeholderToken must differ from initializerToken: the new token "
+                             "starts from the initializer's embedding and must not replace it")
+        return self
 
 
 class TrainingOptions(ApiModel):
@@ -154,6 +169,15 @@ class TrainingOptions(ApiModel):
     save_as_full_pipeline: bool = Field(
         default=False, description="Also save the whole pipeline (fp32) with the new token."
     )
+    concept_similarity_images: int = Field(
+        default=0, ge=0, le=64,
+        description="After training, render this many images each of 'a photo of a TOKEN' "
+        "with the initial and with the learned embedding, and of the initializer word alone, "
+        "and score how much they look like the training images (metrics.json "
+        "concept_similarity, concept_samples.png). The score is made of toy-world image "
+        "statistics: meaningful for the built-in toyworld model, not for photographs. 0 skips "
+        "it.",
+    )
     save_a1111: bool = Field(
         default=False, description="Also save an Automatic1111-compatible learned_embeds.pt."
     )
@@ -195,8 +219,9 @@ class TrainerRuntimeOptions(ApiModel):
     )
 
 
-# Models the trainer builds itself (random weights, no download); see amxtune_trainer.builtin.
-BUILTIN_MODELS = ("tiny", "sd15-arch")
+# Models that need no download: built with random weights ("tiny", "sd15-arch") or shipped
+# pretrained ("toyworld"); see amxtune_trainer.builtin.
+BUILTIN_MODELS = ("tiny", "sd15-arch", "toyworld")
 
 
 class TrainerConfig(ApiModel):
@@ -204,7 +229,8 @@ class TrainerConfig(ApiModel):
 
     pretrained_model_name_or_path: str = Field(
         min_length=1,
-        description="Hub id, local diffusers folder, or a built-in model ('tiny', 'sd15-arch').",
+        description="Hub id, local diffusers folder, or a built-in model ('toyworld', 'tiny', "
+        "'sd15-arch').",
     )
     revision: str | None = Field(default=None, description="Hub revision of the base model.")
     train_data_dir: str | None = Field(

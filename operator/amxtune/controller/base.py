@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from amxtune.api.finetunejob import Phase
 from amxtune.controller import metrics
-from amxtune.controller.kube import Kube, now_iso
+from amxtune.controller.kube import Kube, Refused, now_iso
 from amxtune.controller.state import PodView, apply_kstatus, condition
 from amxtune.render import JobIdentity
 from amxtune.settings import Settings
@@ -56,7 +56,10 @@ class Reconciler:
         with metrics.RECONCILE_SECONDS.labels(self.kind).time():
             run = Pass(body, copy.deepcopy(body.get("status") or {}), self.clock())
             run.status["observedGeneration"] = body["metadata"].get("generation")
-            self._step(run)
+            try:
+                self._step(run)
+            except Refused as refused:
+                self._refused(run, str(refused))
             self._commit(run)
 
     def _commit(self, run: Pass) -> None:
@@ -77,6 +80,14 @@ class Reconciler:
             if view.deleting or (keep_finished and view.finished):
                 continue
             self.kube.delete("Pod", job.namespace, view.name)
+
+    def _refused(self, run: Pass, message: str) -> None:
+        """An object the spec renders is invalid to the API server: retrying cannot help.
+        Before the start the job waits for a corrected spec; after it, it fails (its pods go)."""
+        if run.status.get("phase") in (None, Phase.Pending):
+            return self._block(run, "ObjectRefused", message)
+        self._stop_workers(JobIdentity.from_body(run.body, self.kind))
+        self._fail(run, "ObjectRefused", message)
 
     def _waiting(self, run: Pass, reason: str, message: str) -> None:
         apply_kstatus(run.status, reason, message, run.now)

@@ -47,6 +47,19 @@ PLURAL_OF = {
 }
 
 
+class Refused(Exception):
+    """The API server refused an object the operator rendered (400/422: invalid, or forbidden
+    by admission): rendering it again gives the same answer, so the job must say so."""
+
+    def __init__(self, obj: dict, error: ApiException) -> None:
+        try:
+            detail = json.loads(error.body or b"{}").get("message") or error.reason
+        except (ValueError, AttributeError):
+            detail = error.reason
+        super().__init__(f"the API server refused {obj['kind']} {obj['metadata']['name']}: "
+                         f"{detail}")
+
+
 class Kube:
     """Plain REST calls through the kubernetes client's transport (auth, TLS, proxies)."""
 
@@ -137,13 +150,16 @@ class Kube:
     # --- writing ---------------------------------------------------------------------------
 
     def create(self, obj: dict) -> bool:
-        """Create `obj`; False when it already exists (handlers are idempotent)."""
+        """Create `obj`; False when it already exists (handlers are idempotent); Refused when
+        the API server rejects it as invalid."""
         path = self.path(obj["kind"], obj["metadata"]["namespace"])
         try:
             self.call("POST", path, body=obj)
         except ApiException as error:
             if error.status == 409:
                 return False
+            if error.status in (400, 422) and obj["kind"] != "Event":
+                raise Refused(obj, error) from None
             raise
         return True
 

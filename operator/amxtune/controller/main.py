@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import kopf
@@ -29,11 +30,20 @@ log = logging.getLogger("amxtune.operator")
 TERMINAL = (Phase.Succeeded, Phase.Failed)
 
 
+# A job whose reconciliation keeps failing (apiserver errors, a bug) is retried by the resync
+# after 1, 2, 4, ... resync periods, at most this long apart; a watch event still retries it
+# at once.
+BACKOFF_CAP_SECONDS = 300.0
+
+
 class Operator:
-    def __init__(self, kube: Kube, settings: Settings, namespaces: list[str] | None) -> None:
+    def __init__(self, kube: Kube, settings: Settings, namespaces: list[str] | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.kube = kube
         self.settings = settings
         self.namespaces = namespaces
+        self.clock = clock
+        self._failures: dict[tuple[str, str, str], tuple[int, float]] = {}  # count, retry at
         self.controllers = {
             "FineTuneJob": FineTuneJobController(kube, settings),
             "InferenceJob": InferenceJobController(kube, settings),
@@ -51,13 +61,25 @@ class Operator:
         with lock:
             yield
 
-    def reconcile(self, kind: str, namespace: str, name: str) -> None:
-        """One job at a time per object; errors are logged and retried by the resync."""
-        with self._lock((kind, namespace, name)):
+    def reconcile(self, kind: str, namespace: str, name: str, periodic: bool = False) -> None:
+        """One job at a time per object; errors are logged and retried by the resync with an
+        exponential backoff per object (`periodic` passes respect it, watch events do not)."""
+        key = (kind, namespace, name)
+        if periodic and key in self._failures and self.clock() < self._failures[key][1]:
+            return
+        with self._lock(key):
             try:
                 self.controllers[kind].reconcile(namespace, name)
             except Exception:
-                log.exception("reconciling %s %s/%s failed; will retry", kind, namespace, name)
+                count = self._failures.get(key, (0, 0.0))[0] + 1
+                delay = min(BACKOFF_CAP_SECONDS,
+                            self.settings.progress_interval_seconds * 2 ** (count - 1))
+                self._failures[key] = (count, self.clock() + delay)
+                metrics.RECONCILE_ERRORS.labels(kind).inc()
+                log.exception("reconciling %s %s/%s failed (%d in a row); retrying in %.0f s",
+                              kind, namespace, name, count, delay)
+            else:
+                self._failures.pop(key, None)
 
     def resync_once(self) -> None:
         counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -68,7 +90,7 @@ class Operator:
                     counts[(kind, phase)] += 1
                     if phase not in TERMINAL:
                         meta = body["metadata"]
-                        self.reconcile(kind, meta["namespace"], meta["name"])
+                        self.reconcile(kind, meta["namespace"], meta["name"], periodic=True)
         for kind in self.controllers:
             for phase in Phase:
                 metrics.JOBS.labels(kind, phase.value).set(counts.get((kind, phase.value), 0))

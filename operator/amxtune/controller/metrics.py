@@ -7,3 +7,7 @@ RESTARTS = Counter("amxtune_restarts_total", "Worker restarts after failures", [
 RECONCILE_SECONDS = Histogram(
     "amxtune_reconcile_seconds", "Time of one reconciliation pass", ["kind"]
 )
+RECONCILE_ERRORS = Counter(
+    "amxtune_reconcile_errors_total", "Reconciliation passes that failed (retried with backoff)",
+    ["kind"],
+)
