@@ -186,3 +186,34 @@ def test_a_worker_on_a_node_without_amx_moves_to_another_node(control_plane, nam
     else:
         assert final["phase"] == "Running" and final["attempt"] == 2
         assert f"ran on node {good}" in lacks[1]["message"]
+
+
+def test_suspending_saves_the_current_step_and_resuming_loses_nothing(control_plane, namespace,
+                                                                       tmp_path):
+    """Suspend deletes the worker pods (as a drain or a preemption would): the kubelet's
+    SIGTERM makes every rank end its step and rank 0 save it, so the resumed run redoes no
+    step, although no periodic checkpoint was due (checkpointingSteps > maxTrainSteps)."""
+    cp = control_plane
+    with local_cluster(cp, namespace, tmp_path) as (_, output, _):
+        cp.apply_yaml(yaml.safe_dump(manifest(2, 400, 1000, export=False)), namespace=namespace)
+        reached = cp.wait_for(
+            lambda: (status(cp, namespace, "robot").get("progress") or {}).get("step", 0) >= 20
+            and status(cp, namespace, "robot")["progress"]["step"], timeout=300,
+            what="training past step 20")
+        cp.kubectl("patch", "ftj", "robot", "-n", namespace, "--type=merge",
+                   "-p", '{"spec": {"suspend": true}}')
+        wait_phase(cp, namespace, "Suspended", name="robot", timeout=120)
+        checkpoints = output / "robot" / "checkpoints"
+        saved = cp.wait_for(lambda: sorted(checkpoints.glob("checkpoint-*")), timeout=60,
+                            what="the checkpoint of the stop")
+        assert len(saved) == 1, saved
+        stopped_at = int(saved[0].name.split("-")[1])
+        assert reached <= stopped_at < 400
+        cp.kubectl("patch", "ftj", "robot", "-n", namespace, "--type=merge",
+                   "-p", '{"spec": {"suspend": false}}')
+        final = wait_phase(cp, namespace, "Succeeded", name="robot", timeout=600)
+
+    metrics = json.loads((output / "robot" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == stopped_at  # not one step redone
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 401))
+    assert final["restarts"] == 0  # a stop is not a failure

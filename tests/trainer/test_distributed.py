@@ -33,8 +33,8 @@ def test_two_ranks_end_with_identical_embeddings_and_report_allreduced_bytes(
     cores = metrics["cores_per_rank"]
     if len(os.sched_getaffinity(0)) >= 2:  # each rank pinned to its own share of the CPU set
         assert cores[0] and cores[1] and not set(cores[0]) & set(cores[1])
-    # Only the new vectors' gradient (3 x 32 fp32) plus the loss crosses between ranks.
-    assert metrics["allreduce_bytes_per_step"] == (3 * 32 + 1) * 4
+    # Only the new vectors' gradient (3 x 32 fp32), the loss and the stop flag cross ranks.
+    assert metrics["allreduce_bytes_per_step"] == (3 * 32 + 2) * 4
     # Only rank 0 reports progress: one line per step, not two.
     steps = [e["step"] for e in events(result.stdout) if e["event"] == "progress"]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -100,4 +100,4 @@ def test_two_ranks_started_like_mpirun_with_pmi_variables(tmp_path, tiny_model, 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["rank_embedding_sha256"][0] == metrics["rank_embedding_sha256"][1]
-    assert metrics["allreduce_bytes_per_step"] == (32 + 1) * 4
+    assert metrics["allreduce_bytes_per_step"] == (32 + 2) * 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ def launch(tmp_path, concept_dir, *launch_args: str, steps: int = 4, **env: str)
     command = [sys.executable, "-m", "amxtune_trainer", "launch", "--nproc-per-node", "2",
                *launch_args, "--", "textual-inversion", *BASE_ARGS,
                "--train-data-dir", str(concept_dir), "--output-dir", str(tmp_path / "out"),
-               "--max-train-steps", str(steps), "--seed", "1", "--eval-samples", "0"]
+               "--max-train-steps", str(steps), "--seed", "1", "--eval-samples", "0",
+               "--resume-from-checkpoint", "latest"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=trainer_env(**env), start_new_session=True)
 
@@ -50,21 +52,43 @@ def test_without_a_log_dir_the_traceback_stays_above_the_line(tmp_path, tiny_mod
     assert "(traceback above)" in stderr
 
 
-def test_sigterm_stops_every_rank(tmp_path, tiny_model, concept_dir):
+@pytest.mark.parametrize("rank_signalled", [None, 1])
+def test_sigterm_saves_the_current_step_and_stops_every_rank(tmp_path, tiny_model, concept_dir,
+                                                             rank_signalled):
+    """SIGTERM to the launcher (a pod's eviction) or to one rank only (the ranks of several
+    pods hear of a drain at different moments): every rank ends the same step, rank 0 saves
+    it, and the same command resumes from it."""
     process = launch(tmp_path, concept_dir, steps=10_000)
     assert process.stdout is not None
     for line in process.stdout:  # wait until training runs
         if '"event": "progress"' in line:
             break
-    ranks = psutil.Process(process.pid).children()
+    ranks = sorted(psutil.Process(process.pid).children(),
+                   key=lambda p: int(p.environ().get("RANK", "0")))
     assert len(ranks) == 2
     began = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM
+    if rank_signalled is None:
+        process.send_signal(signal.SIGTERM)
+    else:
+        ranks[rank_signalled].send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
     assert time.monotonic() - began < 30
     _, alive = psutil.wait_procs(ranks, timeout=10)
     assert alive == []
+    stopped = [json.loads(x) for x in stdout.splitlines() if '"event": "stopped"' in x]
+    assert len(stopped) == 1, stdout[-2000:]
+    step = stopped[0]["step"]
+    assert stopped[0]["checkpoint"] == str(tmp_path / "out" / "checkpoints" / f"checkpoint-{step}")
+    assert f"stopped by signal {int(signal.SIGTERM)} after step {step}" in stderr
+    assert (tmp_path / "out" / "checkpoints" / f"checkpoint-{step}" / "state.pt").is_file()
+
+    resumed = launch(tmp_path, concept_dir, steps=step + 2)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"at step {step}" in stderr
+    progress = [json.loads(x)["step"] for x in stdout.splitlines() if '"event": "progress"' in x]
+    assert progress == [step + 1, step + 2]
 
 
 def test_launch_needs_a_subcommand_and_a_master_for_several_nodes():

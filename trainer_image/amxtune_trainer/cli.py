@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from amxtune.api.events import EXIT_FAILED, failure_line
-from amxtune_trainer.errors import UserError
+from amxtune_trainer.errors import Stopped, UserError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "textual-inversion": ("amxtune_trainer.textual_inversion", "learn a new concept's embedding"),
@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if not error.every_rank or _env_rank("LOCAL_RANK", "MPI_LOCALRANKID") == 0:
             print(failure_line(args.command, error.kind, str(error)), file=sys.stderr)
         return error.exit_code
+    except Stopped as stop:
+        if _env_rank("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK") == 0:
+            print(f"amxtune-train {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"amxtune-train {args.command}: interrupted", file=sys.stderr)
         return 130

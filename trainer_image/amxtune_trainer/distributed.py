@@ -203,10 +203,12 @@ def broadcast_tensor(info: DistInfo, tensor):
 
 
 class GradientSync:
-    """Averages the new vectors' gradient (plus the step's loss) over ranks in one all-reduce.
+    """Averages the new vectors' gradient (plus the step's loss) over ranks in one all-reduce,
+    and tells every rank whether any rank was asked to stop, so that all stop after the same
+    step (a signal reaches the ranks of several pods at different moments).
 
     Counts the bytes it hands to the collective, so that the figure reported is what crossed
-    between ranks: num_vectors x hidden x 4 (+4 for the loss) per optimizer step.
+    between ranks: num_vectors x hidden x 4 (+8 for the loss and the stop flag) per step.
     """
 
     def __init__(self, info: DistInfo):
@@ -214,20 +216,22 @@ class GradientSync:
         self.bytes_total = 0
         self.calls = 0
 
-    def __call__(self, grad, loss_sum: float):
-        """Average `grad` in place across ranks; returns the mean of `loss_sum` over ranks."""
+    def __call__(self, grad, loss_sum: float, stop: bool = False) -> tuple[float, bool]:
+        """Average `grad` in place across ranks; returns the mean of `loss_sum` over ranks and
+        whether any rank passed `stop`."""
         if not self.info.enabled:
-            return loss_sum
+            return loss_sum, stop
         import torch
         import torch.distributed as dist
 
-        flat = torch.cat([grad.reshape(-1).float(), torch.tensor([loss_sum])])
+        flat = torch.cat([grad.reshape(-1).float(), torch.tensor([loss_sum, float(stop)])])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         self.bytes_total += flat.numel() * flat.element_size()
         self.calls += 1
+        any_stop = bool(flat[-1] > 0)
         flat /= self.info.world_size
-        grad.copy_(flat[:-1].view_as(grad))
-        return float(flat[-1])
+        grad.copy_(flat[:-2].view_as(grad))
+        return float(flat[-2]), any_stop
 
     @property
     def bytes_per_step(self) -> int:

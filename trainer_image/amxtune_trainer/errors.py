@@ -26,3 +26,15 @@ class NodeLacksAmx(UserError):
 
     exit_code = EXIT_NODE_LACKS_AMX
     kind = NODE_LACKS_AMX
+
+
+class Stopped(Exception):
+    """Told to stop (SIGTERM: eviction, drain, suspend; SIGINT: Ctrl-C): every rank ended the
+    same step and rank 0 saved a checkpoint of it. Exits with 128 + the signal number, as if
+    the signal had ended the process."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signum} after step {step}; checkpoint saved, the "
+                         "same command resumes from it")
+        self.signum = signum
+        self.step = step

@@ -11,8 +11,9 @@ with its own traceback and an error box, and exits 1 whatever the rank's exit co
 launcher prints one line instead (the rank's own line is just above it) and exits with the
 first failing rank's code, which the operator reads (amxtune.api.events).
 
-Signals: SIGINT/SIGTERM are passed on to every rank once; ranks that outlive a grace period are
-killed. The ranks die with the launcher (PR_SET_PDEATHSIG), so nothing is left behind.
+Signals: SIGINT/SIGTERM are passed on to every rank once; the ranks end their current step and
+save a checkpoint of it (textual_inversion), and those that outlive a grace period are killed.
+The ranks die with the launcher (PR_SET_PDEATHSIG), so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import subprocess
 import sys
 import time
 
-GRACE_SECONDS = 10.0  # how long ranks may take to stop once told to (or once a peer failed)
+GRACE_SECONDS = 10.0  # how long ranks may take to stop once a peer failed
+# ... and once told to stop: a step plus a checkpoint, within Kubernetes' default 30 s
+# terminationGracePeriodSeconds
+STOP_GRACE_SECONDS = 25.0
 POLL_SECONDS = 0.2
 
 
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             break
         time.sleep(POLL_SECONDS)
     if ranks.stop_requested is not None:
-        ranks.wait_all(GRACE_SECONDS)
+        ranks.wait_all(STOP_GRACE_SECONDS)
         ranks.stop(signal.SIGKILL)
         codes = [exit_code(p.returncode) for p in ranks.processes]
         return next((c for c in codes if c), 128 + ranks.stop_requested)

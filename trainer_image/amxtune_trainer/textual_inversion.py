@@ -25,14 +25,15 @@ import math
 import os
 import random
 import resource
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from amxtune.api.events import EVENT_COMPLETED, EVENT_STARTED
+from amxtune.api.events import EVENT_COMPLETED, EVENT_STARTED, EVENT_STOPPED
 from amxtune_trainer import options
-from amxtune_trainer.errors import UserError
+from amxtune_trainer.errors import Stopped, UserError
 
 # Test hook: raise after this step's checkpoint to simulate a killed worker.
 CRASH_ENV = "AMXTUNE_TEST_CRASH_AFTER_STEP"
@@ -171,6 +172,8 @@ class Trainer:
         self.step_seconds: list[float] = []
         self.start_step = 0
         self.step = 0
+        self.stop_signal: int | None = None  # SIGTERM/SIGINT received: stop after this step
+        self.stopping = False  # some rank received one: every rank stops after this step
         self._prompt_ids: dict[str, object] = {}
         self._perm_epoch = -1
         self._perm = None
@@ -503,7 +506,8 @@ class Trainer:
             local += float(loss.detach()) / accum
         if self.vectors.grad is None:  # cannot happen unless the prompt lost the token
             raise RuntimeError("the placeholder token received no gradient")
-        mean_loss = self.allreduce(self.vectors.grad, local)
+        mean_loss, self.stopping = self.allreduce(self.vectors.grad, local,
+                                                  stop=self.stop_signal is not None)
         self.optimizer.step()
         self.lr_scheduler.step()
         return mean_loss
@@ -552,20 +556,8 @@ class Trainer:
                             self.samples_per_step, self.opt.logging_steps)
         crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         try:
-            for step in range(self.start_step + 1, self.opt.max_train_steps + 1):
-                began = time.perf_counter()
-                loss = self.train_step(step)
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"loss became {loss} at step {step}")
-                self.step_seconds.append(time.perf_counter() - began)
-                lr = float(self.lr_scheduler.get_last_lr()[0])
-                self.step = step
-                self.history.append({"step": step, "loss": loss, "lr": lr})
-                progress.step(step, loss, lr)
-                if main:
-                    self._periodic_outputs(step)
-                if crash_after and step == crash_after:
-                    raise RuntimeError(f"simulated crash after step {step} ({CRASH_ENV})")
+            with self._stop_on_signals():
+                self._loop(progress, crash_after)
         finally:
             progress.close()
         if main and (not self.eval_points or self.eval_points[-1]["step"] != self.step):
@@ -573,9 +565,52 @@ class Trainer:
             if value is not None:
                 self.eval_points.append({"step": self.step, "loss": value})
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM (eviction, drain, suspend) and SIGINT (Ctrl-C) end the current step, then
+        every rank stops and rank 0 saves a checkpoint, so nothing is lost. A second signal
+        stops at once."""
+        def request(signum, _frame):
+            if self.stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.stop_signal = signum
+
+        previous = {signum: signal.signal(signum, request)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _loop(self, progress, crash_after: int) -> None:
+        main = self.info.is_main
+        for step in range(self.start_step + 1, self.opt.max_train_steps + 1):
+            began = time.perf_counter()
+            loss = self.train_step(step)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"loss became {loss} at step {step}")
+            self.step_seconds.append(time.perf_counter() - began)
+            lr = float(self.lr_scheduler.get_last_lr()[0])
+            self.step = step
+            self.history.append({"step": step, "loss": loss, "lr": lr})
+            progress.step(step, loss, lr)
+            if main:
+                self._periodic_outputs(step)
+            if crash_after and step == crash_after:
+                raise RuntimeError(f"simulated crash after step {step} ({CRASH_ENV})")
+            if self.stopping and step < self.opt.max_train_steps:
+                from amxtune_trainer.progress import emit
+
+                if main:
+                    saved = step % self.opt.checkpointing_steps == 0  # just now, periodically
+                    checkpoint = self._checkpoint_path(step) if saved else self._save(step)
+                    emit({"event": EVENT_STOPPED, "step": step, "checkpoint": str(checkpoint)})
+                raise Stopped(self.stop_signal or signal.SIGTERM, step)
+
     def _periodic_outputs(self, step: int) -> None:
         from amxtune_trainer import outputs
-        from amxtune_trainer.checkpoints import save_checkpoint
 
         if step % self.opt.save_steps == 0 and step != self.opt.max_train_steps:
             outputs.write_embeds(
@@ -583,13 +618,27 @@ class Trainer:
                 self.ti.placeholder_token, self.vectors,
             )
         if step % self.opt.checkpointing_steps == 0:
-            save_checkpoint(
-                self.output_dir, step, self.state_dict(),
-                lambda path: outputs.write_embeds(path, self.ti.placeholder_token, self.vectors),
-                self.opt.checkpoints_total_limit,
-            )
+            value = self.eval_loss()  # the evaluation-set loss at every checkpoint (loss.png)
+            if value is not None:
+                self.eval_points.append({"step": step, "loss": value})
+            self._save(step)
         if self.opt.validation_prompt and step % self.opt.validation_steps == 0:
             self.validate(step)
+
+    def _checkpoint_path(self, step: int) -> Path:
+        from amxtune_trainer.checkpoints import CHECKPOINTS
+
+        return self.output_dir / CHECKPOINTS / f"checkpoint-{step}"
+
+    def _save(self, step: int) -> Path:
+        from amxtune_trainer import outputs
+        from amxtune_trainer.checkpoints import save_checkpoint
+
+        return save_checkpoint(
+            self.output_dir, step, self.state_dict(),
+            lambda path: outputs.write_embeds(path, self.ti.placeholder_token, self.vectors),
+            self.opt.checkpoints_total_limit,
+        )
 
     def state_dict(self) -> dict:
         import torch

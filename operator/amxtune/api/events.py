@@ -19,6 +19,7 @@ EXIT_NODE_LACKS_AMX = 3  # workers.requireAmx, but this node's CPU has no AMX: n
 EVENT_STARTED = "started"  # once, before the model loads: CPU, precision, fast paths, notices
 EVENT_PROGRESS = "progress"  # every loggingSteps
 EVENT_COMPLETED = "completed"  # once, after the outputs are written
+EVENT_STOPPED = "stopped"  # told to stop (SIGTERM/SIGINT): the step and checkpoint it saved
 
 # The failure lines, as `amxtune-train SUBCOMMAND: KIND: MESSAGE`.
 INPUT_ERROR = "error"
