@@ -187,7 +187,8 @@ def same_learning(steps: int, workdir: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amxtune_trainer.bench",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["sd15-arch"], choices=["tiny", "sd15-arch"])
+    parser.add_argument("--model", nargs="+", default=["sd15-arch"],
+                        choices=["tiny", "sd15-arch", "toyworld"])
     parser.add_argument("--resolution", nargs="+", type=int, default=[256])
     parser.add_argument("--precision", nargs="+", default=["auto"],
                         choices=["auto", "fp32", "bf16"],

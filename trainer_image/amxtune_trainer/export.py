@@ -56,7 +56,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         dest="model",
         required=True,
         help="Pipeline to export: the trainer's full pipeline folder (OUTPUT/pipeline), or the "
-        "base model (a diffusers folder, a hub id, or a built-in model: 'tiny', 'sd15-arch') "
+        "base model (a diffusers folder, a hub id, or a built-in model: 'tiny', 'sd15-arch', "
+        "'toyworld') "
         "when --learned-embeds is given.",
     )
     parser.add_argument(
@@ -171,9 +172,9 @@ def resolve_model(name_or_path: str, revision: str | None = None) -> str:
 
 
 def _resolve_model_path_fallback(name_or_path: str, revision: str | None = None) -> Path | str:
-    from amxtune_trainer.builtin.models import BUILTINS, ensure_builtin_model
+    from amxtune_trainer.builtin.models import NAMES, ensure_builtin_model
 
-    if name_or_path in BUILTINS and not Path(name_or_path).exists():
+    if name_or_path in NAMES and not Path(name_or_path).exists():
         return ensure_builtin_model(name_or_path)
     path = Path(name_or_path).expanduser()
     looks_local = (

@@ -39,9 +39,9 @@ def _looks_like_path(name: str) -> bool:
 
 def resolve_model_path(name_or_path: str, revision: str | None = None) -> Path:
     """Return a local diffusers pipeline folder for a built-in name, a folder or a hub id."""
-    from amxtune_trainer.builtin.models import BUILTINS, ensure_builtin_model
+    from amxtune_trainer.builtin.models import NAMES, ensure_builtin_model
 
-    if name_or_path in BUILTINS:
+    if name_or_path in NAMES:
         return ensure_builtin_model(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
@@ -75,8 +75,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         )
     except HFValidationError:
         raise UserError(
-            f"model {repo_id!r} is neither a built-in model (tiny, sd15-arch), an existing "
-            "folder, nor a valid hub id"
+            f"model {repo_id!r} is neither a built-in model (toyworld, tiny, sd15-arch), an "
+            "existing folder, nor a valid hub id"
         ) from None
     except GatedRepoError:
         raise UserError(

@@ -1,11 +1,13 @@
-"""Built-in random-weight Stable Diffusion pipelines, made locally (no hub access).
+"""Built-in Stable Diffusion pipelines, needing no hub access.
 
-- `tiny`: a few hundred thousand parameters, trains in seconds; tests and the offline demo.
+Made locally with random weights, written once as ordinary diffusers folders into the cache:
+- `tiny`: a few hundred thousand parameters, trains in seconds; plumbing tests.
 - `sd15-arch`: the real SD-1.5 architecture (UNet 320/640/1280/1280, CLIP ViT-L/14 text
   encoder, SD VAE, a 49,408-entry vocabulary) with random weights, for speed measurements:
   speed does not depend on the weight values.
-
-Both are written once as ordinary diffusers folders into the cache and reused.
+Shipped pretrained, inside this package:
+- `toyworld`: a small model of a drawn toy world (amxtune_trainer.toyworld), pretrained by
+  this project, so that learning shows: the demo and the learning tests.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ BUILTINS: dict[str, BuiltinSpec] = {
 }
 
 
+PRETRAINED: dict[str, Path] = {"toyworld": Path(__file__).parent / "toyworld"}
+NAMES = (*BUILTINS, *PRETRAINED)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("AMXTUNE_CACHE", Path.home() / ".cache" / "amxtune"))
 
@@ -112,8 +118,14 @@ def builtin_model_dir(name: str) -> Path:
 
 def ensure_builtin_model(name: str) -> Path:
     """Return the folder of built-in model `name`, building it on first use (atomically)."""
+    if name in PRETRAINED:
+        folder = PRETRAINED[name]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"the pretrained built-in model {name} is missing from "
+                                    f"{folder}: reinstall amxtune-trainer")
+        return folder
     if name not in BUILTINS:
-        raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTINS)}")
+        raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(NAMES)}")
     target = builtin_model_dir(name)
     if (target / "model_index.json").is_file():
         return target
