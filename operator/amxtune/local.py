@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from amxtune import manifest
-from amxtune.api.events import EVENT_PROGRESS, EVENT_STARTED
+from amxtune.api.events import EVENT_COMPLETED, EVENT_PROGRESS, EVENT_STARTED
 from amxtune.api.finetunejob import FineTuneJobSpec, ModelSource
 from amxtune.api.inferencejob import InferenceTask
 from amxtune.api.kube import PvcPath
@@ -173,6 +173,7 @@ class LocalPlan:
             base_model=None if pipeline.is_dir() else self.model,
             revision=self.spec.model.revision,
             output_dir=str(self.output_dir),
+            concept_dir=str(self.data_dir),
         ).to_wire()
 
 
@@ -226,6 +227,15 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
                 print(f"amxtune run: training in {record.get('precision')} "
                       f"({record.get('precision_reason')}) on {record.get('cpu')}",
                       file=sys.stderr, flush=True)
+            elif event == EVENT_COMPLETED and isinstance(record, dict) and isinstance(
+                    record.get("concept_similarity"), dict):
+                scores = ", ".join(f"{name} {value:.2f}" for name, value
+                                   in record["concept_similarity"].items())
+                what = ("the samples" if "images" in record["concept_similarity"]
+                        else "'a photo of a TOKEN'")
+                print(f"amxtune run: concept similarity of {what} to the training images "
+                      f"(0 to 1): {scores}", file=sys.stderr, flush=True)
+                sys.stdout.write(line)
             else:
                 if bar is not None and bar.tty:
                     bar.stream.write("\r\033[K")

@@ -42,6 +42,12 @@ def manifest(nodes: int, steps: int, checkpoint_every: int, export: bool,
              require_amx: bool = False) -> dict:
     doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text()))
     doc["metadata"]["name"] = "robot"
+    # plumbing: the random-weight model is enough, with one vector and one sample
+    doc["spec"]["model"] = {"name": "tiny"}
+    doc["spec"]["textualInversion"] = {"placeholderToken": "<robot-toy>", "initializerToken": "toy"}
+    doc["spec"]["training"]["conceptSimilarityImages"] = 0
+    doc["spec"]["export"] = {"openvino": {"height": 64, "width": 64, "weightFormat": "fp32"},
+                             "prompts": ["a photo of a <robot-toy> on the beach"], "seed": 7}
     doc["spec"]["training"].update(maxTrainSteps=steps, checkpointingSteps=checkpoint_every,
                                    loggingSteps=2)
     doc["spec"]["workers"] = {

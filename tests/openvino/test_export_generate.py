@@ -226,6 +226,10 @@ def test_export_refuses_to_replace_without_overwrite(tiny_model, ov_fp32, capsys
         (["--prompt", "a", "--prompt", "b", "--height", "70"], "--height: must be a multiple of 8"),
         (["--prompt", "a", "--prompt", "b", "--guidance-scale", "1"],
          "--guidance-scale: Input should be greater than 1"),
+        (["--prompt", "a", "--prompt", "b", "--concept-dir", "/nonexistent"],
+         "--concept-dir /nonexistent: no images there"),
+        (["--prompt", "a", "--prompt", "b", "--baseline-token", "a"],
+         "--baseline-token and --baseline-text go together"),
     ],
 )
 def test_generate_rejects_bad_input(ov_fp32, tmp_path, capsys, flags, message):

@@ -41,10 +41,13 @@ def test_two_ranks_end_with_identical_embeddings_and_report_allreduced_bytes(
     assert _embeds(out).shape == (3, 32)
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, concept_dir):
+@pytest.mark.parametrize("model", ["tiny", "toyworld"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, concept_dir,
+                                                          model):
     common = [
-        *BASE_ARGS, "--train-data-dir", str(concept_dir), "--max-train-steps", "8",
-        "--learning-rate", "0.05", "--seed", "11", "--checkpointing-steps", "4",
+        *BASE_ARGS, "--model", model, "--train-data-dir", str(concept_dir),
+        "--max-train-steps", "8", "--learning-rate", "0.05", "--seed", "11",
+        "--checkpointing-steps", "4",
         "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--random-flip",
         "--train-batch-size", "2", "--resume-from-checkpoint", "latest",
     ]

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def manifest(tmp_path: Path, steps: int) -> Path:
     doc = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
-    doc["spec"]["training"].update(maxTrainSteps=steps, checkpointingSteps=4, loggingSteps=1)
+    doc["spec"]["model"] = {"name": "tiny"}  # plumbing: the random-weight model is enough
+    doc["spec"]["textualInversion"] = {"placeholderToken": "<robot-toy>", "initializerToken": "toy"}
+    doc["spec"]["training"].update(maxTrainSteps=steps, checkpointingSteps=4, loggingSteps=1,
+                                   conceptSimilarityImages=0)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(doc))
     (tmp_path / "concepts").symlink_to(ROOT / "examples" / "concepts")

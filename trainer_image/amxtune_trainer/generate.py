@@ -43,7 +43,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         help="For --backend openvino: a folder made by `export-openvino`. For --backend "
-        "pytorch: a diffusers pipeline folder, hub id or built-in model ('tiny', 'sd15-arch').",
+        "pytorch: a diffusers pipeline folder, hub id or built-in model ('toyworld', 'tiny', "
+        "'sd15-arch').",
     )
     parser.add_argument(
         "--backend", choices=["openvino", "pytorch"], default="openvino",
@@ -69,7 +70,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="Replace --output if it exists and is not empty."
     )
-    add_model_flags(parser.add_argument_group("what to render"), GenerationOptions)
+    what = parser.add_argument_group("what to render")
+    add_model_flags(what, GenerationOptions)
+    what.add_argument("--baseline-token", "--baseline_token", metavar="TOKEN",
+                      help="With --baseline-text: also render each prompt with TOKEN replaced "
+                      "by TEXT (e.g. the initializer word), from the same seeds")
+    what.add_argument("--baseline-text", "--baseline_text", metavar="TEXT")
+    what.add_argument("--concept-dir", "--concept_dir", metavar="DIR", type=Path,
+                      help="Score how much each prompt's images (and the baseline's) look like "
+                      "the images in DIR, into generation.json's concept_similarity (toy-world "
+                      "image statistics: meaningful for the built-in toyworld model)")
     shape = parser.add_argument_group(
         "shape",
         "OpenVINO: default and only allowed values are the exported static shape. "
@@ -91,7 +101,11 @@ class Rendered:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    options = model_from_args(GenerationOptions, args)
+    if bool(args.baseline_token) != bool(args.baseline_text):
+        raise UserError("--baseline-token and --baseline-text go together")
+    extra = ({"baseline": {"token": args.baseline_token, "text": args.baseline_text}}
+             if args.baseline_token else {})
+    options = model_from_args(GenerationOptions, args, **extra)
     requested_shape = {
         k: v for k, v in values_from_args(OpenVINOExportOptions, args).items() if k in SHAPE_FIELDS
     }
@@ -100,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser().absolute()
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
         raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace")
+    if args.concept_dir is not None:
+        concept_images(args.concept_dir)  # before anything is rendered
     if args.learned_embeds and args.backend != "pytorch":
         raise UserError(
             "--learned-embeds is for --backend pytorch; an OpenVINO export already holds the token"
@@ -114,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         requested_shape=requested_shape,
         learned_embeds=args.learned_embeds,
         overwrite=args.overwrite,
+        concept_dir=args.concept_dir,
     )
     print(
         f"rendered {metadata['num_images']} image(s) with {args.backend} "
@@ -122,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {output}",
         flush=True,
     )
+    if "concept_similarity" in metadata:
+        scores = metadata["concept_similarity"]
+        baseline = (f", baseline {scores['baseline']:.2f}" if "baseline" in scores else "")
+        print(f"concept similarity to {args.concept_dir} (0 to 1): images "
+              f"{scores['images']:.2f}{baseline}", flush=True)
     return 0
 
 
@@ -135,6 +157,7 @@ def generate_samples(
     requested_shape: dict | None = None,
     learned_embeds: str | None = None,
     overwrite: bool = False,
+    concept_dir: Path | None = None,
 ) -> dict:
     """Load `model`, render `options.prompts`, write the samples folder; return its metadata
     (generation.json's content)."""
@@ -170,6 +193,12 @@ def generate_samples(
     load_seconds = time.perf_counter() - started
 
     rendered = render(pipe, options, shape, backend=backend, precision=precision)
+    baseline = None
+    if options.baseline is not None:
+        token, text = options.baseline.token, options.baseline.text
+        replaced = [prompt.replace(token, text) for prompt in options.prompts]
+        baseline = render(pipe, options.model_copy(update={"prompts": replaced}), shape,
+                          backend=backend, precision=precision)
     metadata = {
         "backend": backend,
         "precision": precision,
@@ -185,7 +214,46 @@ def generate_samples(
         "machine": machine_info(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return write_samples(output, rendered, metadata, overwrite=overwrite)
+    if concept_dir is not None:
+        metadata["concept_similarity"] = score_concept(concept_dir, rendered, baseline)
+    return write_samples(output, rendered, metadata, overwrite=overwrite, baseline=baseline)
+
+
+def concept_images(concept_dir: Path) -> list:
+    """The images in `concept_dir` (the training data's extensions), or a UserError."""
+    from PIL import Image
+
+    from amxtune.api.training import TrainingOptions
+    from amxtune_trainer.data import find_images
+
+    folder = Path(concept_dir)
+    paths = find_images(folder, TrainingOptions().image_extensions) if folder.is_dir() else []
+    if not paths:
+        raise UserError(f"--concept-dir {concept_dir}: no images there")
+    return [Image.open(path).convert("RGB") for path in paths]
+
+
+def score_concept(concept_dir: Path, rendered: Rendered, baseline: Rendered | None) -> dict:
+    """Concept similarity (toyworld.similarity) of all images, of the baseline's, and per
+    prompt, against the images in `concept_dir`."""
+    from amxtune_trainer.toyworld.similarity import concept_similarity
+
+    references = concept_images(concept_dir)
+    result: dict = {"concept_dir": str(concept_dir),
+                    "images": round(concept_similarity(rendered.images, references), 4)}
+    if baseline is not None:
+        result["baseline"] = round(concept_similarity(baseline.images, references), 4)
+    per_prompt: dict[str, list] = {}
+    for index, record in enumerate(rendered.records):
+        per_prompt.setdefault(record["prompt"], []).append(index)
+    result["prompts"] = [
+        {"prompt": prompt,
+         "images": round(concept_similarity([rendered.images[i] for i in indices],
+                                            references), 4),
+         **({"baseline": round(concept_similarity([baseline.images[i] for i in indices],
+                                                  references), 4)} if baseline else {})}
+        for prompt, indices in per_prompt.items()]
+    return result
 
 
 def _check_batches(options: GenerationOptions, shape: dict) -> None:
@@ -299,8 +367,10 @@ def render(
     return result
 
 
-def write_samples(output: Path, rendered: Rendered, metadata: dict, overwrite: bool) -> dict:
-    """PNGs, grid.png and generation.json, written beside `output` and renamed into place."""
+def write_samples(output: Path, rendered: Rendered, metadata: dict, overwrite: bool,
+                  baseline: Rendered | None = None) -> dict:
+    """PNGs, grid.png and generation.json, written beside `output` and renamed into place.
+    With a `baseline` rendering, each baseline image sits left of its result in the grid."""
     from amxtune_trainer.images import make_grid, slug
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -315,9 +385,21 @@ def write_samples(output: Path, rendered: Rendered, metadata: dict, overwrite: b
             name = f"{index:03d}-{slug(record['prompt'])}.png"
             image.save(target / name)
             record["file"] = name
+            if baseline is not None:
+                before = baseline.records[index]
+                before["file"] = f"{index:03d}-baseline-{slug(before['prompt'])}.png"
+                baseline.images[index].save(target / before["file"])
+                record["baseline"] = before
+                images.append(baseline.images[index])
             images.append(image)
         per_prompt = metadata["shape"]["num_images_per_prompt"]
-        make_grid(images, columns=per_prompt if per_prompt > 1 else None).save(target / GRID_NAME)
+        if baseline is not None:
+            settings = metadata["settings"]["baseline"]
+            grid = make_grid(images, columns=2, labels=[settings["text"], settings["token"]],
+                             min_size=128)
+        else:
+            grid = make_grid(images, columns=per_prompt if per_prompt > 1 else None)
+        grid.save(target / GRID_NAME)
         metadata = {**metadata, "images": rendered.records, "grid": GRID_NAME}
         (target / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")
         if output.exists():

@@ -87,9 +87,13 @@ def run(args: argparse.Namespace) -> int:
     _run_subcommand(
         "generate",
         ["--model", str(openvino), "--output", str(samples), "--overwrite",
-         *model_to_flags(generation)],
+         *model_to_flags(generation),  # (nested options such as the baseline are not flags)
+         *(["--baseline-token", generation.baseline.token, "--baseline-text",
+            generation.baseline.text] if generation.baseline else []),
+         *(["--concept-dir", task.concept_dir] if task.concept_dir else [])],
     )
     rendered = json.loads((samples / METADATA_NAME).read_text())
+    similarity = rendered.get("concept_similarity")
     print(
         json.dumps(
             {
@@ -100,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 "image_paths": [str(samples / image["file"]) for image in rendered["images"]],
                 "images": rendered["num_images"],
                 "seconds_per_image": rendered["seconds_per_image"],
+                **({"concept_similarity": {k: similarity[k] for k in ("images", "baseline")
+                                           if k in similarity}} if similarity else {}),
             }
         ),
         flush=True,

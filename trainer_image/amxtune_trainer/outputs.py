@@ -17,6 +17,7 @@ METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"
 PIPELINE_DIR = "pipeline"
 VALIDATION_DIR = "validation"
+CONCEPT_SAMPLES = "concept_samples.png"  # before / initializer / learned, one row each
 
 
 def write_embeds(path: Path, placeholder: str, vectors) -> Path:

@@ -331,6 +331,7 @@ class Trainer:
                     f"vectors, not {self.ti.placeholder_token!r} with {self.ti.num_vectors}"
                 )
             init_vectors = state["vectors"]
+            initial = state.get("initial_vectors")
         seed = self.opt.seed
         if seed is None:
             seed = random.SystemRandom().randrange(1 << 31)
@@ -339,10 +340,15 @@ class Trainer:
         ))
         torch.manual_seed(_seed_for(self.seed, self.info.rank))
 
+        if state is None:
+            initial = init_vectors
+        # what the token started from (older checkpoints did not keep it)
+        self.initial_vectors = None if initial is None else initial.detach().float().clone()
         self.embedding = embedding.splice(self.text_encoder, new_ids, init_vectors)
         self.vectors = self.embedding.vectors
 
         self._prepare_latents(concept)
+        self.concept = concept  # rank 0's images, for the concept similarity at the end
 
         world = self.info.world_size
         lr = self.opt.learning_rate
@@ -647,6 +653,7 @@ class Trainer:
             "step": self.step,
             "seed": self.seed,
             "vectors": self.vectors.detach().clone(),
+            "initial_vectors": self.initial_vectors,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "torch_rng": [torch.get_rng_state()],
@@ -656,13 +663,11 @@ class Trainer:
             "num_vectors": self.ti.num_vectors,
         }
 
-    def validate(self, step: int) -> list[Path]:
-        """Render the validation prompt with the current embedding (rank 0)."""
+    def _render(self, prompt: str, count: int, seed: int) -> list:
+        """`count` images of `prompt` with the current embedding (rank 0; the placeholder
+        token stands for all its vectors)."""
         import torch
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-        from amxtune_trainer import outputs
-        from amxtune_trainer.images import make_grid
 
         pipeline = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
@@ -671,18 +676,60 @@ class Trainer:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator().manual_seed(self.seed)
-        prompt = self.opt.validation_prompt.replace(
-            self.ti.placeholder_token, self.token_text
-        ) if self.ti.num_vectors > 1 else self.opt.validation_prompt
+        generator = torch.Generator().manual_seed(seed)
+        if self.ti.num_vectors > 1:
+            prompt = prompt.replace(self.ti.placeholder_token, self.token_text)
         images = []
         with torch.no_grad(), self._autocast():
-            for _ in range(self.opt.num_validation_images):
+            for _ in range(count):
                 result = pipeline(
                     prompt, num_inference_steps=self.opt.validation_inference_steps,
                     generator=generator, height=self.opt.resolution, width=self.opt.resolution,
                 )
                 images.append(result.images[0])
+        return images
+
+    def concept_similarity(self, concept) -> dict:
+        """How much 'a photo of a TOKEN' looks like the training images with the initial and
+        with the learned embedding, and 'a photo of a INITIALIZER' (same seeds for all three);
+        writes the three rows side by side into concept_samples.png."""
+        import numpy as np
+        from PIL import Image
+
+        from amxtune_trainer import outputs
+        from amxtune_trainer.images import make_grid
+        from amxtune_trainer.toyworld.similarity import concept_similarity
+
+        count, prompt = self.opt.concept_similarity_images, "a photo of a {}"
+        references = [Image.fromarray(((p.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255)
+                                      .astype(np.uint8)) for p in concept.pixels]
+        rendered = {"learned": self._render(prompt.format(self.ti.placeholder_token), count,
+                                            self.seed)}
+        if self.initial_vectors is not None:
+            learned = self.vectors.detach().clone()
+            self.vectors.data.copy_(self.initial_vectors)
+            rendered["before"] = self._render(prompt.format(self.ti.placeholder_token), count,
+                                              self.seed)
+            self.vectors.data.copy_(learned)
+        if self.ti.initializer_token and not self.ti.initial_embedding:
+            rendered["initializer"] = self._render(prompt.format(self.ti.initializer_token),
+                                                   count, self.seed)
+        result: dict = {"prompt": prompt, "images_per_prompt": count}
+        for name, images in rendered.items():
+            result[name] = round(concept_similarity(images, references), 4)
+        order = [name for name in ("before", "initializer", "learned") if name in rendered]
+        result["rows_of_concept_samples_png"] = order
+        grid = make_grid([image for name in order for image in rendered[name]], columns=count)
+        outputs.write_png(self.output_dir / outputs.CONCEPT_SAMPLES, grid)
+        return result
+
+    def validate(self, step: int) -> list[Path]:
+        """Render the validation prompt with the current embedding (rank 0)."""
+        from amxtune_trainer import outputs
+        from amxtune_trainer.images import make_grid
+
+        images = self._render(self.opt.validation_prompt, self.opt.num_validation_images,
+                              self.seed)
         folder = self.output_dir / outputs.VALIDATION_DIR / f"step-{step}"
         paths = [outputs.write_png(folder / f"image-{i}.png", im) for i, im in enumerate(images)]
         paths.append(outputs.write_png(folder / "grid.png", make_grid(images)))
@@ -717,6 +764,8 @@ class Trainer:
             outputs.save_full_pipeline(
                 self.model_path, self.output_dir / outputs.PIPELINE_DIR, embeds, placeholder
             )
+        similarity = (self.concept_similarity(self.concept)
+                      if self.opt.concept_similarity_images else None)
         steady = self.step_seconds[1:] or self.step_seconds
         median = statistics.median(steady) if steady else None
         wall = time.perf_counter() - started
@@ -753,17 +802,22 @@ class Trainer:
             "learning_rate": self.lr,
             "seed": self.seed,
             "placeholder_tokens": self.token_text.split(),
+            "concept_similarity": similarity,
             "history": self.history,
             "config": self.config.to_wire(),
         }
         outputs.write_metrics(self.output_dir / outputs.METRICS_FILE, metrics)
         outputs.write_loss_plot(self.output_dir / outputs.LOSS_PLOT, self.history,
                                 self.eval_points)
-        emit({
+        completed = {
             "event": EVENT_COMPLETED,
             "output_dir": str(self.output_dir.resolve()),
             "learned_embeds": str(embeds.resolve()),
             "steps": int(self.step),
             "final_loss": float(final_loss),
             "wall_seconds": round(wall, 3),
-        })
+        }
+        if similarity is not None:
+            completed["concept_similarity"] = {
+                k: v for k, v in similarity.items() if k in ("before", "initializer", "learned")}
+        emit(completed)

@@ -1,0 +1,171 @@
+"""`python -m amxtune_trainer.bench_learning`: does the trainer learn as it should? (not a test)
+
+Trains textual inversion on a concept folder (default: the drawn robot of examples/concepts on
+the built-in `toyworld` model) and evaluates every learned embedding with one evaluator:
+- the diffusion loss on the fixed evaluation set (fp32, the trainer's own set), before and after;
+- the concept similarity (toyworld.similarity) of 'a photo of a TOKEN' rendered with it
+  (PyTorch fp32, fixed seeds), and of the initializer word alone.
+
+Variants, each from the same images, seed and hyper-parameters:
+- `amxtune`: our trainer with its speed-ups (precision auto: bf16 on AMX);
+- `amxtune-fp32`: our trainer in fp32 without channels_last (--same-learning);
+- `reference`: diffusers' examples/textual_inversion/textual_inversion.py, when
+  --reference PATH names a copy of it (it is never part of this repository).
+Prints one table row per variant and, with --json, writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOKEN = "<robot-toy>"
+PROMPT = "a photo of a {}"
+
+
+def robot_images() -> Path:
+    """examples/concepts/robot of this checkout."""
+    return Path(__file__).resolve().parents[2] / "examples" / "concepts" / "robot"
+
+
+def ours(model: str, data: Path, out: Path, args, precision: str, extra: list[str]) -> float:
+    command = [
+        sys.executable, "-m", "amxtune_trainer", "textual-inversion", "--model", model,
+        "--train-data-dir", str(data), "--output-dir", str(out), "--placeholder-token", TOKEN,
+        "--initializer-token", args.initializer, "--resolution", str(args.resolution),
+        "--train-batch-size", str(args.batch), "--max-train-steps", str(args.steps),
+        "--learning-rate", str(args.learning_rate), "--lr-scheduler", "constant",
+        "--lr-warmup-steps", "0", "--seed", str(args.seed), "--random-flip",
+        "--mixed-precision", precision, "--eval-samples", "0",
+        "--checkpointing-steps", str(10**6), "--save-steps", str(10**6), *extra,
+    ]
+    began = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"our trainer failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def reference(script: Path, model: str, data: Path, out: Path, args) -> float:
+    """The diffusers script, run from a temporary folder with the same settings."""
+    from amxtune_trainer.models import resolve_model_path
+
+    command = [
+        sys.executable, str(script), "--pretrained_model_name_or_path",
+        str(resolve_model_path(model)), "--train_data_dir", str(data),
+        "--placeholder_token", TOKEN, "--initializer_token", args.initializer,
+        "--learnable_property", "object", "--resolution", str(args.resolution),
+        "--train_batch_size", str(args.batch), "--gradient_accumulation_steps", "1",
+        "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", str(args.seed),
+        "--mixed_precision", "no", "--checkpointing_steps", str(10**6),
+        "--save_steps", str(10**6), "--validation_steps", str(10**6),
+        "--dataloader_num_workers", "0", "--output_dir", str(out),
+    ]
+    began = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=out.parent,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if result.returncode != 0:
+        raise SystemExit(f"the reference script failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def evaluate(model: str, data: Path, embeds: Path | None, args) -> dict:
+    """Eval loss and concept similarity of one embedding (None: the initializer's row)."""
+    import torch
+    from PIL import Image
+
+    from amxtune_trainer import distributed, options
+    from amxtune_trainer.cli import build_parser
+    from amxtune_trainer.textual_inversion import Trainer
+    from amxtune_trainer.toyworld.similarity import concept_similarity
+
+    flags = ["textual-inversion", "--model", model, "--train-data-dir", str(data),
+             "--output-dir", str(Path(tempfile.mkdtemp()) / "eval"), "--placeholder-token",
+             TOKEN, "--initializer-token", args.initializer, "--resolution",
+             str(args.resolution), "--mixed-precision", "no", "--no-channels-last",
+             "--eval-samples", str(args.eval_samples), "--max-train-steps", "1", "--seed", "0",
+             "--validation-inference-steps", "25"]
+    if embeds is not None:
+        flags += ["--initial-embedding", str(embeds)]
+    trainer = Trainer(options.config_from_args(build_parser("textual-inversion").parse_args(
+        flags)), distributed.DistInfo())
+    trainer.prepare()
+    loss = trainer.eval_loss()
+    references = [Image.open(p).convert("RGB") for p in sorted(data.iterdir())
+                  if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    torch.manual_seed(0)
+    images = trainer._render(PROMPT.format(TOKEN), args.images, seed=1234)
+    row = {"eval_loss": loss, "concept_similarity": concept_similarity(images, references)}
+    if embeds is None:
+        words = trainer._render(PROMPT.format(args.initializer), args.images, seed=1234)
+        row["initializer_similarity"] = concept_similarity(words, references)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m amxtune_trainer.bench_learning",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toyworld")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="concept images (default: examples/concepts/robot)")
+    parser.add_argument("--initializer", default="toy")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--images", type=int, default=8, help="images per prompt scored")
+    parser.add_argument("--reference", type=Path,
+                        help="a copy of diffusers' examples/textual_inversion/textual_inversion.py")
+    parser.add_argument("--same-learning", action="store_true",
+                        help="also train in fp32 without channels_last")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    data = (args.data or robot_images()).resolve()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="amxtune-learning-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    from amxtune_trainer.cpu import probe
+
+    print(f"# CPU: {probe().summary()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    rows = {"before training": {**evaluate(args.model, data, None, args), "seconds": 0.0}}
+    variants = {"amxtune (auto precision)": ("auto", [])}
+    if args.same_learning:
+        variants["amxtune (fp32, contiguous)"] = ("no", ["--no-channels-last"])
+    for name, (precision, extra) in variants.items():
+        out = workdir / name.split()[0] / precision
+        seconds = ours(args.model, data, out, args, precision, extra)
+        rows[name] = {**evaluate(args.model, data, out / "learned_embeds.safetensors", args),
+                      "seconds": seconds}
+    if args.reference:
+        out = workdir / "reference"
+        out.mkdir(parents=True, exist_ok=True)
+        seconds = reference(args.reference.resolve(), args.model, data, out, args)
+        rows["diffusers textual_inversion.py (fp32)"] = {
+            **evaluate(args.model, data, out / "learned_embeds.safetensors", args),
+            "seconds": seconds}
+    print(f"\n{args.model}, {args.resolution} px, {args.steps} steps, batch {args.batch}, "
+          f"lr {args.learning_rate}, seed {args.seed}, concept {data.name}; "
+          f"{args.images} images per prompt, {args.eval_samples} evaluation samples\n")
+    print("| variant | eval loss | concept similarity of 'a photo of a TOKEN' | wall s |")
+    print("|---|---|---|---|")
+    for name, row in rows.items():
+        print(f"| {name} | {row['eval_loss']:.5f} | {row['concept_similarity']:.3f} | "
+              f"{row['seconds']:.0f} |")
+    initial = rows["before training"]["initializer_similarity"]
+    print(f"\nthe initializer word alone ('{PROMPT.format(args.initializer)}'): {initial:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
