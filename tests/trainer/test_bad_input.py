@@ -25,7 +25,7 @@ CASES = {
         [], "has no image files"),
     "missing-folder": (lambda d: None, [], "does not exist"),
     "corrupt-image": (_corrupt, [], "cannot read image"),
-    "token-in-vocabulary": (make_images, ["--placeholder-token", "toy"],
+    "token-in-vocabulary": (make_images, ["--placeholder-token", "photo"],
                             "already in the tokenizer's vocabulary"),
     "initializer-tokenizes-to-nothing": (make_images, ["--initializer-token", "   "],
                                          "tokenizes to nothing"),
