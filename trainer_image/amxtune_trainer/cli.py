@@ -68,6 +68,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def say(line: str) -> None:
+    """One line on stderr in one write: ranks share the stream, and print() writes the text
+    and its newline separately, so unbuffered lines of two ranks could interleave (and the
+    operator reads these lines)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _env_rank(*names: str) -> int:
     for name in names:
         value = os.environ.get(name, "")
@@ -96,7 +104,7 @@ def report_crash(command: str, error: BaseException) -> int:
         sys.stderr.write(text)
     last = traceback.format_exception_only(error)[-1].strip()
     summary = (last.splitlines() or [type(error).__name__])[0]
-    print(failure_line(command, f"rank {rank} failed", f"{summary} ({where})"), file=sys.stderr)
+    say(failure_line(command, f"rank {rank} failed", f"{summary} ({where})"))
     return EXIT_FAILED
 
 
@@ -111,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         # An error every rank raised is printed by the first rank of each node only.
         if not error.every_rank or _env_rank("LOCAL_RANK", "MPI_LOCALRANKID") == 0:
-            print(failure_line(args.command, error.kind, str(error)), file=sys.stderr)
+            say(failure_line(args.command, error.kind, str(error)))
         return error.exit_code
     except Stopped as stop:
         if _env_rank("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK") == 0:
-            print(f"amxtune-train {args.command}: {stop}", file=sys.stderr)
+            say(f"amxtune-train {args.command}: {stop}")
         return 128 + stop.signum
     except KeyboardInterrupt:
-        print(f"amxtune-train {args.command}: interrupted", file=sys.stderr)
+        say(f"amxtune-train {args.command}: interrupted")
         return 130
     except Exception as error:
         return report_crash(args.command, error)
