@@ -124,7 +124,8 @@ def load_tokenizer(path: Path):
     from transformers import CLIPTokenizer
 
     try:
-        # transformers 5: from_pretrained(folder) is the reliable way (see DESIGN.md).
+        # transformers 5: from_pretrained(folder) is the supported way to load a saved
+        # tokenizer (it also reads the folder's tokenizer_config.json).
         return CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
     except Exception as error:
         raise _load_error(path, "tokenizer", error) from None

@@ -289,7 +289,7 @@ def render_worker(
     if spec.model.pvc is not None:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
         volumes.append(volume_for_pvc("model", spec.model.pvc.claim_name, read_only=True))
-    if node_rank == 0:  # only rank 0 reads the data and writes results (DESIGN.md)
+    if node_rank == 0:  # only rank 0 reads the data (it broadcasts the latents) and writes results
         mounts.append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
         if spec.data.pvc is not None:
             volumes.append(volume_for_pvc("data", spec.data.pvc.claim_name, read_only=True))
