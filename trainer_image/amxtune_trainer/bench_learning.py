@@ -79,10 +79,10 @@ def reference(script: Path, model: str, data: Path, out: Path, args) -> float:
 def evaluate(model: str, data: Path, embeds: Path | None, args) -> dict:
     """Eval loss and concept similarity of one embedding (None: the initializer's row)."""
     import torch
-    from PIL import Image
 
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser
+    from amxtune_trainer.generate import concept_images
     from amxtune_trainer.textual_inversion import Trainer
     from amxtune_trainer.toyworld.similarity import concept_similarity
 
@@ -98,8 +98,7 @@ def evaluate(model: str, data: Path, embeds: Path | None, args) -> dict:
         flags)), distributed.DistInfo())
     trainer.prepare()
     loss = trainer.eval_loss()
-    references = [Image.open(p).convert("RGB") for p in sorted(data.iterdir())
-                  if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    references = concept_images(data)
     torch.manual_seed(0)
     images = trainer._render(PROMPT.format(TOKEN), args.images, seed=1234)
     row = {"eval_loss": loss, "concept_similarity": concept_similarity(images, references)}
@@ -117,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="concept images (default: examples/concepts/robot)")
     parser.add_argument("--initializer", default="toy")
     parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--images", type=int, default=8, help="images per prompt scored")

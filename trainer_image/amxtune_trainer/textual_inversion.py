@@ -591,6 +591,8 @@ class Trainer:
                 signal.signal(signum, handler)
 
     def _loop(self, progress, crash_after: int) -> None:
+        from amxtune_trainer.progress import emit
+
         main = self.info.is_main
         for step in range(self.start_step + 1, self.opt.max_train_steps + 1):
             began = time.perf_counter()
@@ -607,8 +609,6 @@ class Trainer:
             if crash_after and step == crash_after:
                 raise RuntimeError(f"simulated crash after step {step} ({CRASH_ENV})")
             if self.stopping and step < self.opt.max_train_steps:
-                from amxtune_trainer.progress import emit
-
                 if main:
                     saved = step % self.opt.checkpointing_steps == 0  # just now, periodically
                     checkpoint = self._checkpoint_path(step) if saved else self._save(step)
@@ -689,7 +689,7 @@ class Trainer:
                 images.append(result.images[0])
         return images
 
-    def concept_similarity(self, concept) -> dict:
+    def concept_similarity(self) -> dict:
         """How much 'a photo of a TOKEN' looks like the training images with the initial and
         with the learned embedding, and 'a photo of a INITIALIZER' (same seeds for all three);
         writes the three rows side by side into concept_samples.png."""
@@ -702,7 +702,7 @@ class Trainer:
 
         count, prompt = self.opt.concept_similarity_images, "a photo of a {}"
         references = [Image.fromarray(((p.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255)
-                                      .astype(np.uint8)) for p in concept.pixels]
+                                      .astype(np.uint8)) for p in self.concept.pixels]
         rendered = {"learned": self._render(prompt.format(self.ti.placeholder_token), count,
                                             self.seed)}
         if self.initial_vectors is not None:
@@ -764,8 +764,7 @@ class Trainer:
             outputs.save_full_pipeline(
                 self.model_path, self.output_dir / outputs.PIPELINE_DIR, embeds, placeholder
             )
-        similarity = (self.concept_similarity(self.concept)
-                      if self.opt.concept_similarity_images else None)
+        similarity = self.concept_similarity() if self.opt.concept_similarity_images else None
         steady = self.step_seconds[1:] or self.step_seconds
         median = statistics.median(steady) if steady else None
         wall = time.perf_counter() - started
