@@ -81,10 +81,22 @@ def parse(doc: object, source: str = "manifest") -> Manifest:
     return Manifest(identity, spec, doc)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's YAML 1.1 reads `5e-4` (no dot) as a string; kubectl reads it as a number.
+    Read numbers as kubectl does, so that strict validation judges the same values."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load(path: str | Path) -> list[Manifest]:
     path = Path(path)
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in yaml.load_all(path.read_text(), Loader=_YamlLoader) if d is not None]
     except OSError as error:
         raise ManifestError(f"{path}: cannot read: {error.strerror}") from None
     except yaml.YAMLError as error:

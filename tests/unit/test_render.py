@@ -154,3 +154,24 @@ def test_offline_validation_does_not_coerce_what_the_apiserver_refuses(change, m
     with pytest.raises(manifest.ManifestError, match=re.escape(message)):
         manifest.parse(doc)
     assert manifest.parse(yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text()))
+
+
+def test_numbers_read_as_kubectl_reads_them_and_an_empty_storage_class(tmp_path):
+    """YAML 1.1 would make `5e-4` a string, which strict validation then refuses; kubectl
+    reads a number. An empty storageClassName means "no dynamic provisioning"."""
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    doc["spec"]["output"]["pvc"]["create"]["storageClassName"] = ""
+    text = yaml.safe_dump(doc).replace("learningRate: 0.002", "learningRate: 5e-4")
+    assert "learningRate: 5e-4" in text
+    (tmp_path / "job.yaml").write_text(text)
+    spec = manifest.load(tmp_path / "job.yaml")[0].spec
+    assert spec.training.learning_rate == 5e-4
+    assert spec.output.pvc.create.storage_class_name == ""
+
+
+def test_a_quantity_that_validates_can_be_computed_with():
+    """"2e1" (a string) is a Kubernetes quantity the operator cannot compute with: refused."""
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    doc["spec"]["workers"]["resources"]["cpu"] = "2e1"
+    with pytest.raises(manifest.ManifestError, match=r"spec\.workers\.resources\.cpu"):
+        manifest.parse(doc)

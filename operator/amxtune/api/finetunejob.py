@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from amxtune.api.base import ApiModel, cel
 from amxtune.api.export import ExportSpec
 from amxtune.api.kube import (
+    DNS_SUBDOMAIN_PATTERN,
     LABEL_KEY_PATTERN,
     EnvVar,
     LabelKey,
@@ -169,7 +171,10 @@ class Runtime(TrainerRuntimeOptions):
 
 class PvcCreate(ApiModel):
     size: Quantity = Field(default="20Gi")
-    storage_class_name: Name | None = None
+    # a DNS subdomain, or "" for no dynamic provisioning, as in Kubernetes
+    storage_class_name: Annotated[str, StringConstraints(
+        max_length=253, pattern=DNS_SUBDOMAIN_PATTERN.replace("^", "^(", 1)[:-1] + ")?$",
+    )] | None = None
     access_mode: str = Field(
         default="ReadWriteOnce", pattern="^(ReadWriteOnce|ReadWriteMany|ReadWriteOncePod)$"
     )

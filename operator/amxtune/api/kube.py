@@ -13,13 +13,12 @@ from amxtune.api.base import ApiModel, cel
 # The patterns are written for both regex engines (Python's and the apiserver's RE2), so that
 # offline validation (`amxtune run`, `amxtune render`) and `kubectl apply` agree.
 
-# A resource quantity greater than zero, as Kubernetes writes it ("56", "500m", "128Gi", "1e3"):
+# A resource quantity greater than zero, as Kubernetes writes it ("56", "500m", "128Gi"):
 # int-or-string in the schema; amxtune.quantity parses it where the operator needs numbers.
-# Kubernetes' own grammar, without the sign and without zero (a zero or negative size or CPU
-# count is refused here rather than by the apiserver when the pod or claim is created).
+# Kubernetes' grammar restricted to the suffixes amxtune.quantity reads (no sign, no zero, no
+# exponents or n/u/E suffixes), so whatever validates here can also be computed with.
 POSITIVE_QUANTITY_PATTERN = (
-    r"^\+?([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"
-    r"([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+    r"^\+?([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)([KMGTP]i|[mkMGTP])?$"
 )
 Quantity = Annotated[
     Annotated[str, StringConstraints(pattern=POSITIVE_QUANTITY_PATTERN)]

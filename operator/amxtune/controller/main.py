@@ -65,7 +65,8 @@ class Operator:
         """One job at a time per object; errors are logged and retried by the resync with an
         exponential backoff per object (`periodic` passes respect it, watch events do not)."""
         key = (kind, namespace, name)
-        if periodic and key in self._failures and self.clock() < self._failures[key][1]:
+        failing = self._failures.get(key)  # (watch threads may pop it meanwhile)
+        if periodic and failing and self.clock() < failing[1]:
             return
         with self._lock(key):
             try:
