@@ -31,12 +31,13 @@ def trainer_env(**extra: str) -> dict:
 
 
 def run_trainer(args: list[str], *, ranks: int = 1, env: dict | None = None,
-                timeout: float = 300) -> subprocess.CompletedProcess:
+                timeout: float = 300, method: str = "textual-inversion",
+                ) -> subprocess.CompletedProcess:
     if ranks == 1:
-        command = [sys.executable, "-m", "amxtune_trainer", "textual-inversion", *args]
+        command = [sys.executable, "-m", "amxtune_trainer", method, *args]
     else:
         command = [sys.executable, "-m", "amxtune_trainer", "launch", "--nproc-per-node",
-                   str(ranks), "--", "textual-inversion", *args]
+                   str(ranks), "--", method, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=env or trainer_env())
 

@@ -28,7 +28,7 @@ def test_two_ranks_end_with_identical_embeddings_and_report_allreduced_bytes(
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
-    digests = metrics["rank_embedding_sha256"]
+    digests = metrics["rank_weights_sha256"]
     assert len(digests) == 2 and digests[0] == digests[1]
     cores = metrics["cores_per_rank"]
     if len(os.sched_getaffinity(0)) >= 2:  # each rank pinned to its own share of the CPU set
@@ -102,5 +102,5 @@ def test_two_ranks_started_like_mpirun_with_pmi_variables(tmp_path, tiny_model, 
     assert results[1][0] == ""  # only rank 0 reports
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert metrics["rank_embedding_sha256"][0] == metrics["rank_embedding_sha256"][1]
+    assert metrics["rank_weights_sha256"][0] == metrics["rank_weights_sha256"][1]
     assert metrics["allreduce_bytes_per_step"] == (32 + 2) * 4

@@ -25,8 +25,9 @@ def test_progress_lines_follow_the_contract(trained):
     assert progress[-1]["eta_seconds"] == 0
     completed = lines[-1]
     assert completed["event"] == "completed"
-    assert set(completed) == {"event", "output_dir", "learned_embeds", "steps", "final_loss",
-                              "wall_seconds"}
+    assert set(completed) == {"event", "method", "output_dir", "learned_embeds", "steps",
+                              "final_loss", "wall_seconds"}
+    assert completed["method"] == "textual-inversion"
     assert completed["steps"] == 40
     assert completed["learned_embeds"].endswith("learned_embeds.safetensors")
     # Only JSON goes to stdout (stdout is not a terminal here: no progress bar either).
@@ -54,10 +55,12 @@ def test_output_folder_has_every_file(trained):
     assert embeds[TOKEN].shape == (2, 32) and embeds[TOKEN].dtype == torch.float32
     a1111 = torch.load(out / "learned_embeds.pt", weights_only=False)
     assert torch.equal(a1111["string_to_param"]["*"], embeds[TOKEN])
+    single = load_file(str(out / "learned_embeds_a1111.safetensors"))  # A1111 / ComfyUI
+    assert list(single) == ["emb_params"] and torch.equal(single["emb_params"], embeds[TOKEN])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 40 and metrics["world_size"] == 1
     assert metrics["allreduce_bytes_per_step"] == 0
-    from amxtune_trainer.textual_inversion import find_allocator
+    from amxtune_trainer.runtime import find_allocator
 
     if find_allocator() and not os.environ.get("LD_PRELOAD"):  # the trainer preloaded it
         assert find_allocator() in metrics["ld_preload"]
@@ -88,7 +91,7 @@ def test_only_the_new_vectors_are_trainable_and_frozen_rows_never_change(tiny_mo
                                                                          concept_dir, tmp_path):
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser
-    from amxtune_trainer.textual_inversion import Trainer
+    from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
 
     torch.set_num_threads(1)
     args = build_parser("textual-inversion").parse_args([

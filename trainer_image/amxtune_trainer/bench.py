@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see textual_inversion.quiet_openmp_waits
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runtime.quiet_openmp_waits
 
 TOKEN = "<bench-concept>"
 
@@ -95,7 +95,7 @@ def count_step_flops(model: str, resolution: int, workdir: Path) -> float:
 
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser
-    from amxtune_trainer.textual_inversion import Trainer
+    from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
 
     data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
     parsed = build_parser("textual-inversion").parse_args(
@@ -141,7 +141,7 @@ def same_learning(steps: int, workdir: Path) -> list[dict]:
     """Train tiny twice (speed-ups on/off) and evaluate both embeddings in fp32."""
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser
-    from amxtune_trainer.textual_inversion import Trainer
+    from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
 
     data = make_images(workdir / "data-64", 4, 64)
     rows = []

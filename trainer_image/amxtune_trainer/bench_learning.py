@@ -80,10 +80,10 @@ def evaluate(model: str, data: Path, embeds: Path | None, args) -> dict:
     """Eval loss and concept similarity of one embedding (None: the initializer's row)."""
     import torch
 
-    from amxtune_trainer import distributed, options
+    from amxtune_trainer import distributed, options, samples
     from amxtune_trainer.cli import build_parser
     from amxtune_trainer.generate import concept_images
-    from amxtune_trainer.textual_inversion import Trainer
+    from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
     from amxtune_trainer.toyworld.similarity import concept_similarity
 
     flags = ["textual-inversion", "--model", model, "--train-data-dir", str(data),
@@ -100,10 +100,10 @@ def evaluate(model: str, data: Path, embeds: Path | None, args) -> dict:
     loss = trainer.eval_loss()
     references = concept_images(data)
     torch.manual_seed(0)
-    images = trainer._render(PROMPT.format(TOKEN), args.images, seed=1234)
+    images = samples.render(trainer, PROMPT.format(TOKEN), args.images, seed=1234)
     row = {"eval_loss": loss, "concept_similarity": concept_similarity(images, references)}
     if embeds is None:
-        words = trainer._render(PROMPT.format(args.initializer), args.images, seed=1234)
+        words = samples.render(trainer, PROMPT.format(args.initializer), args.images, seed=1234)
         row["initializer_similarity"] = concept_similarity(words, references)
     return row
 

@@ -1,9 +1,10 @@
 """Resumable state and atomic file writes.
 
-A checkpoint is a folder `checkpoints/checkpoint-STEP/` with `state.pt` (the new vectors,
-optimizer, LR scheduler, RNG states, step, seed, loss history) and the step's
-`learned_embeds.safetensors`. It is written into a temporary folder and renamed, so a crash
-never leaves a half-written checkpoint that `latest` would pick; old ones are pruned to the limit.
+A checkpoint is a folder `checkpoints/checkpoint-STEP/` with `state.pt` (the trained values,
+optimizer, LR scheduler, RNG states, step, seed, loss history) and the step's weights in their
+user-facing format (`learned_embeds.safetensors` or `pytorch_lora_weights.safetensors`). It is
+written into a temporary folder and renamed, so a crash never leaves a half-written checkpoint
+that `latest` would pick; old ones are pruned to the limit.
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ def find_resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, state: dict, write_embeds: Callable[[Path], None],
+    output_dir: Path, step: int, state: dict, write_weights: Callable[[Path], None],
     limit: int | None,
 ) -> Path:
-    """Write checkpoint-STEP atomically (temp folder + rename), then prune to `limit`."""
+    """Write checkpoint-STEP atomically (temp folder + rename), then prune to `limit`;
+    `write_weights(folder)` adds the recipe's weight files."""
     import torch
 
     root = output_dir / CHECKPOINTS
@@ -88,7 +90,7 @@ def save_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=root))
     try:
         torch.save(state, staging / STATE_FILE)
-        write_embeds(staging / "learned_embeds.safetensors")
+        write_weights(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

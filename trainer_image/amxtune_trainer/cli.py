@@ -25,7 +25,9 @@ from amxtune.api.events import EXIT_FAILED, failure_line
 from amxtune_trainer.errors import Stopped, UserError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "textual-inversion": ("amxtune_trainer.textual_inversion", "learn a new concept's embedding"),
+    "textual-inversion": ("amxtune_trainer.recipes.textual_inversion",
+                          "learn a new concept's embedding"),
+    "lora": ("amxtune_trainer.recipes.lora", "train LoRA adapters on a concept (DreamBooth style)"),
     "export-openvino": ("amxtune_trainer.export", "export a pipeline to OpenVINO"),
     "generate": ("amxtune_trainer.generate", "render prompts with an OpenVINO/PyTorch pipeline"),
     "inference": ("amxtune_trainer.inference", "export + generate, as an InferenceJob pod does"),

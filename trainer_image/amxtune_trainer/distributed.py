@@ -203,12 +203,12 @@ def broadcast_tensor(info: DistInfo, tensor):
 
 
 class GradientSync:
-    """Averages the new vectors' gradient (plus the step's loss) over ranks in one all-reduce,
-    and tells every rank whether any rank was asked to stop, so that all stop after the same
-    step (a signal reaches the ranks of several pods at different moments).
+    """Averages the trainable parameters' gradients (plus the step's loss) over ranks in one
+    all-reduce, and tells every rank whether any rank was asked to stop, so that all stop after
+    the same step (a signal reaches the ranks of several pods at different moments).
 
     Counts the bytes it hands to the collective, so that the figure reported is what crossed
-    between ranks: num_vectors x hidden x 4 (+8 for the loss and the stop flag) per step.
+    between ranks: 4 bytes per trainable value (+8 for the loss and the stop flag) per step.
     """
 
     def __init__(self, info: DistInfo):
@@ -216,21 +216,25 @@ class GradientSync:
         self.bytes_total = 0
         self.calls = 0
 
-    def __call__(self, grad, loss_sum: float, stop: bool = False) -> tuple[float, bool]:
-        """Average `grad` in place across ranks; returns the mean of `loss_sum` over ranks and
-        whether any rank passed `stop`."""
+    def __call__(self, grads: list, loss_sum: float, stop: bool = False) -> tuple[float, bool]:
+        """Average every tensor of `grads` in place across ranks; returns the mean of
+        `loss_sum` over ranks and whether any rank passed `stop`."""
         if not self.info.enabled:
             return loss_sum, stop
         import torch
         import torch.distributed as dist
 
-        flat = torch.cat([grad.reshape(-1).float(), torch.tensor([loss_sum, float(stop)])])
+        flat = torch.cat([g.reshape(-1).float() for g in grads]
+                         + [torch.tensor([loss_sum, float(stop)])])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         self.bytes_total += flat.numel() * flat.element_size()
         self.calls += 1
         any_stop = bool(flat[-1] > 0)
         flat /= self.info.world_size
-        grad.copy_(flat[:-2].view_as(grad))
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
         return float(flat[-2]), any_stop
 
     @property

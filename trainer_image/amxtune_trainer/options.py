@@ -1,9 +1,10 @@
 """Command-line flags derived from the shared option models, and config-file loading.
 
 The trainer's options are defined once, in `amxtune.api.training` (pydantic). Every field of
-`TrainerConfig` and of its sections becomes a flag spelled with dashes (`--max-train-steps`) and
-also with underscores (`--max_train_steps`, the diffusers script's spelling), so that commands
-written for the reference script keep working. `--config FILE` loads a JSON or YAML file (the
+`TrainerConfig`, of the method's section (textual_inversion or lora) and of the shared sections
+becomes a flag spelled with dashes (`--max-train-steps`) and also with underscores
+(`--max_train_steps`, the diffusers scripts' spelling), so that commands written for the
+reference scripts keep working. `--config FILE` loads a JSON or YAML file (the
 ConfigMap the operator mounts; camelCase or snake_case keys); flags given on the command line
 override it. Nothing here imports torch.
 """
@@ -18,6 +19,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from amxtune.api.training import (
+    METHOD_SECTIONS,
+    LoraOptions,
     TextualInversionOptions,
     TrainerConfig,
     TrainerRuntimeOptions,
@@ -32,15 +35,19 @@ from amxtune_trainer.model_flags import (
     values_from_args,
 )
 
-# Section name in TrainerConfig -> its model; "" is the top level.
-SECTIONS: dict[str, type[BaseModel]] = {
-    "": TrainerConfig,
+METHOD_MODELS: dict[str, type[BaseModel]] = {
     "textual_inversion": TextualInversionOptions,
-    "training": TrainingOptions,
-    "runtime": TrainerRuntimeOptions,
+    "lora": LoraOptions,
 }
-# Extra spellings: flag -> field (the reference script's and our short names).
-EXTRA_FLAGS = {"pretrained_model_name_or_path": ["--model"]}
+# Extra spellings: field -> flags (the reference scripts' and our short names).
+EXTRA_FLAGS = {
+    "textual-inversion": {"pretrained_model_name_or_path": ["--model"]},
+    # train_dreambooth_lora.py calls the image folder instance_data_dir
+    "lora": {"pretrained_model_name_or_path": ["--model"],
+             "train_data_dir": ["--instance-data-dir", "--instance_data_dir"],
+             "alpha": ["--lora-alpha", "--lora_alpha"],
+             "dropout": ["--lora-dropout", "--lora_dropout"]},
+}
 # Flags of the diffusers script that have no effect here; accepted so its commands still run.
 IGNORED_REFERENCE_FLAGS = {
     "dataloader_num_workers": 1,
@@ -59,7 +66,14 @@ def _dest_prefix(section: str) -> str:
     return f"{section}{DEST_SEP}" if section else ""
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def sections(method: str) -> dict[str, type[BaseModel]]:
+    """Section name in TrainerConfig -> its model, for one method; "" is the top level."""
+    section = METHOD_SECTIONS[method]
+    return {"": TrainerConfig, section: METHOD_MODELS[section], "training": TrainingOptions,
+            "runtime": TrainerRuntimeOptions}
+
+
+def configure_parser(parser: argparse.ArgumentParser, method: str) -> None:
     """Add --config and one flag per option field (dash and underscore spellings).
 
     Booleans are `--flag` / `--no-flag`. Every flag's default is "not given", so that a value
@@ -70,15 +84,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE",
         help="JSON or YAML file with the options (camelCase or snake_case); flags override it",
     )
-    for section, model in SECTIONS.items():
+    for section, model in sections(method).items():
         title = f"{section.replace('_', ' ')} options" if section else "model, data and output"
         group = parser.add_argument_group(title, (model.__doc__ or "").strip().splitlines()[0])
-        add_model_flags(group, model, dest_prefix=_dest_prefix(section), extra_flags=EXTRA_FLAGS)
+        add_model_flags(group, model, dest_prefix=_dest_prefix(section),
+                        exclude=set(METHOD_MODELS) if not section else (),
+                        extra_flags=EXTRA_FLAGS[method])
     compat = parser.add_argument_group("compatibility with the diffusers script")
-    compat.add_argument(
-        *flag_names("only_save_embeds"), dest="only_save_embeds", action="store_true",
-        default=argparse.SUPPRESS, help="do not save the full pipeline (our default already)",
-    )
+    if method == "textual-inversion":
+        compat.add_argument(
+            *flag_names("only_save_embeds"), dest="only_save_embeds", action="store_true",
+            default=argparse.SUPPRESS, help="do not save the full pipeline (our default already)",
+        )
     for name, nargs in IGNORED_REFERENCE_FLAGS.items():
         compat.add_argument(
             *flag_names(name), dest=f"ignored{DEST_SEP}{name}", default=argparse.SUPPRESS,
@@ -129,10 +146,19 @@ def read_config_file(path: str | Path, model: type[BaseModel] = TrainerConfig) -
     return _field_names(data, model)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainerConfig:
-    """Merge --config FILE and flags into a validated TrainerConfig (UserError if invalid)."""
+def config_from_args(args: argparse.Namespace,
+                     method: str = "textual-inversion") -> TrainerConfig:
+    """Merge --config FILE and flags into a validated TrainerConfig for `method` (UserError if
+    invalid, or if the file is for another method)."""
     data: dict[str, Any] = read_config_file(args.config) if getattr(args, "config", None) else {}
-    for section, model in SECTIONS.items():
+    own = METHOD_SECTIONS[method]
+    for other in set(METHOD_MODELS) - {own}:
+        if data.get(other) is not None:
+            raise UserError(f"config file {args.config} has a {other} section, but this is "
+                            f"amxtune-train {method}: use `amxtune-train "
+                            f"{other.replace('_', '-')}`")
+    data.setdefault(own, {})
+    for section, model in sections(method).items():
         given = values_from_args(model, args, _dest_prefix(section))
         if section and given:
             if not isinstance(data.get(section), dict):

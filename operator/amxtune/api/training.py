@@ -1,8 +1,9 @@
 """Trainer options: the single definition shared by the FineTuneJob spec and the trainer.
 
-Field names follow the diffusers `textual_inversion.py` arguments (snake_case), so that the
-trainer's command-line flags can be derived from them and commands written for the reference
-script keep working; on the wire (CRD, config JSON) they are camelCase.
+Field names follow the diffusers scripts' arguments (`textual_inversion.py`,
+`train_dreambooth_lora.py`; snake_case), so that the trainer's command-line flags can be
+derived from them and commands written for the reference scripts keep working; on the wire
+(CRD, config JSON) they are camelCase.
 """
 
 from __future__ import annotations
@@ -93,6 +94,64 @@ class TextualInversionOptions(ApiModel):
             raise ValueError("placeholderToken must differ from initializerToken: the new token "
                              "starts from the initializer's embedding and must not replace it")
         return self
+
+
+class LoraTarget(StrEnum):
+    """Linear layers of the UNet's transformer blocks that can carry an adapter (every Stable
+    Diffusion 1.x/2.x UNet has them)."""
+
+    to_q = "to_q"
+    to_k = "to_k"
+    to_v = "to_v"
+    to_out = "to_out.0"
+    ff_in = "ff.net.0.proj"
+    ff_out = "ff.net.2"
+
+
+DEFAULT_LORA_TARGETS = [LoraTarget.to_k, LoraTarget.to_q, LoraTarget.to_v, LoraTarget.to_out]
+
+
+class LoraOptions(ApiModel):
+    """LoRA adapters on the UNet's attention projections (and optionally the text encoder's)."""
+
+    rank: int = Field(default=4, ge=1, le=1024, description="Rank of the adapter matrices.")
+    alpha: float | None = Field(
+        default=None, gt=0, le=4096,
+        description="Scale numerator (the update is scaled by alpha/rank); the rank by default, "
+        "as in diffusers' train_dreambooth_lora.py.",
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[LoraTarget] = Field(
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1, max_length=6,
+        description="UNet layers that get adapters (names as in diffusers' attention blocks).",
+    )
+    train_text_encoder: bool = Field(
+        default=False,
+        description="Also put adapters on the text encoder's attention projections.",
+    )
+    instance_prompt: str | None = Field(
+        default=None, min_length=1, max_length=1000,
+        description="Prompt of every training image, DreamBooth style ('a photo of sks toy'); "
+        "without it each image needs a caption file (training.useCaptions).",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct(cls, values: list[LoraTarget]) -> list[LoraTarget]:
+        if len(set(values)) != len(values):
+            raise ValueError("must not name a module twice")
+        return values
+
+    @field_validator("instance_prompt")
+    @classmethod
+    def _words(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must contain words, not only spaces")
+        return value
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
 
 
 class TrainingOptions(ApiModel):
@@ -242,6 +301,30 @@ class TrainerConfig(ApiModel):
         description="Stop at start, before loading anything, when this CPU has no AMX "
         "(the operator sets it from workers.requireAmx, so a mislabelled node fails fast).",
     )
-    textual_inversion: TextualInversionOptions
+    textual_inversion: TextualInversionOptions | None = Field(
+        default=None, description="Learn a new token's embedding (method textual-inversion)."
+    )
+    lora: LoraOptions | None = Field(
+        default=None, description="Train LoRA adapters (method lora)."
+    )
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     runtime: TrainerRuntimeOptions = Field(default_factory=TrainerRuntimeOptions)
+
+    @model_validator(mode="after")
+    def _one_method(self) -> TrainerConfig:
+        given = [name for name in METHOD_SECTIONS.values() if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one method section, textual_inversion or lora"
+                + (f" (got {' and '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def method(self) -> str:
+        """The trainer subcommand this config is for ('textual-inversion' or 'lora')."""
+        return next(m for m, name in METHOD_SECTIONS.items() if getattr(self, name) is not None)
+
+
+# Trainer subcommand -> its section of TrainerConfig.
+METHOD_SECTIONS = {"textual-inversion": "textual_inversion", "lora": "lora"}

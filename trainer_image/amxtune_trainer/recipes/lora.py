@@ -1,0 +1,191 @@
+"""`amxtune-train lora`: LoRA adapters on the UNet's attention projections (and optionally the
+text encoder's), DreamBooth style, on one rank or many.
+
+Adapters are peft's, as in diffusers' train_dreambooth_lora.py (gaussian init, alpha = rank by
+default); they are kept in fp32 while the frozen networks run in the precision the CPU supports.
+Only the adapters' gradients cross between ranks. Prompts are the instance prompt ("a photo of
+sks toy") or each image's caption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+from pathlib import Path
+
+from amxtune_trainer import options
+from amxtune_trainer.engine import Trainer
+from amxtune_trainer.errors import UserError
+from amxtune_trainer.runtime import run_recipe
+
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    options.configure_parser(parser, Lora.METHOD)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_recipe(args, Lora)
+
+
+def _targeted_linears(model, suffixes: list[str]) -> list[tuple[str, object]]:
+    import torch
+
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and any(name == s or name.endswith("." + s) for s in suffixes)]
+
+
+def _check_rank(model, suffixes: list[str], rank: int, where: str) -> None:
+    found = _targeted_linears(model, suffixes)
+    if not found:
+        raise UserError(f"lora.target_modules: none of {', '.join(suffixes)} is a linear layer "
+                        f"of this model's {where}")
+    name, smallest = min(found, key=lambda item: min(item[1].in_features,
+                                                     item[1].out_features))
+    limit = min(smallest.in_features, smallest.out_features)
+    if rank > limit:
+        raise UserError(f"lora.rank: {rank} is larger than the smallest targeted layer of the "
+                        f"{where} ({name}: {smallest.in_features}x{smallest.out_features}); "
+                        f"use at most {limit}")
+
+
+class Lora(Trainer):
+    METHOD = "lora"
+
+    def __init__(self, config, info, cpus: list | None = None):
+        super().__init__(config, info, cpus)
+        self.lora = config.lora
+        self.targets = [str(t) for t in self.lora.target_modules]
+
+    def check_concept(self, concept) -> None:
+        if self.lora.instance_prompt is None:
+            missing = [f.name for f, c in zip(concept.files, concept.captions, strict=True)
+                       if c is None]
+            if missing:
+                raise UserError(
+                    "lora.instance_prompt: give an instance prompt (e.g. 'a photo of sks toy'), "
+                    f"or a caption file for every image with use_captions ({len(missing)} "
+                    f"without: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+                )
+
+    def check_model(self, components):
+        _check_rank(components.unet, self.targets, self.lora.rank, "UNet")
+        if self.lora.train_text_encoder:
+            _check_rank(components.text_encoder, TEXT_ENCODER_TARGETS, self.lora.rank,
+                        "text encoder")
+        return None
+
+    def _settings(self) -> dict:
+        return {"rank": self.lora.rank, "alpha": self.lora.scale_alpha,
+                "target_modules": self.targets,
+                "train_text_encoder": self.lora.train_text_encoder}
+
+    def check_resume(self, state: dict, resume: Path | None) -> None:
+        saved = state.get("lora_settings")
+        if state.get("method") != self.METHOD or saved != self._settings():
+            raise UserError(
+                f"checkpoint {resume or 'on rank 0'} was made for "
+                f"{saved or state.get('method') or 'textual-inversion'}, not for LoRA with "
+                f"{self._settings()}; use another output folder or matching options"
+            )
+
+    def _config(self, targets: list[str]):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora.rank, lora_alpha=self.lora.scale_alpha,
+                          lora_dropout=self.lora.dropout, init_lora_weights="gaussian",
+                          target_modules=targets)
+
+    def attach(self, checked, state: dict | None) -> list:
+        self.unet.add_adapter(self._config(self.targets))
+        self.networks = {"unet": self.unet}
+        if self.lora.train_text_encoder:
+            self.text_encoder.add_adapter(self._config(TEXT_ENCODER_TARGETS))
+            self.networks["text_encoder"] = self.text_encoder
+        self.named = {f"{key}.{name}": parameter for key, network in self.networks.items()
+                      for name, parameter in network.named_parameters()
+                      if parameter.requires_grad}
+        for parameter in self.named.values():
+            parameter.data = parameter.data.float()  # adapters train in fp32
+        if state is not None:
+            for name, value in state["lora"].items():
+                self.named[name].data.copy_(value)
+        return list(self.named.values())
+
+    def _prompt(self, caption: str | None) -> str:
+        instance = self.lora.instance_prompt or ""
+        if caption is None:
+            return instance
+        caption = " ".join(caption.split())
+        return caption.replace("{}", instance) if "{}" in caption else caption
+
+    def train_prompts(self, indices: list[int], rng: random.Random) -> list[str]:
+        return [self._prompt(self.latents.captions[i]) for i in indices]
+
+    def eval_prompts(self, indices: list[int]) -> list[str]:
+        return [self._prompt(self.latents.captions[i]) for i in indices]
+
+    def method_state(self) -> dict:
+        return {"lora": {name: p.detach().clone() for name, p in self.named.items()},
+                "lora_settings": self._settings()}
+
+    def _peft_layers(self) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        return {key: get_peft_model_state_dict(network) for key, network in self.networks.items()}
+
+    def _layers(self) -> dict:
+        """Each network's adapter weights in diffusers' naming, as its own script saves them."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return {key: convert_state_dict_to_diffusers(layers)
+                for key, layers in self._peft_layers().items()}
+
+    def write_weights(self, folder: Path) -> None:
+        from amxtune_trainer import outputs
+
+        outputs.write_lora(folder / outputs.LORA_FILE, self._layers(), self._metadata())
+
+    def _metadata(self) -> dict:
+        return {key: network.peft_config["default"].to_dict()
+                for key, network in self.networks.items()}
+
+    def periodic_outputs(self, step: int) -> None:
+        from amxtune_trainer import outputs
+
+        outputs.write_lora(self.output_dir / f"pytorch_lora_weights-steps-{step}.safetensors",
+                           self._layers(), self._metadata())
+
+    def final_outputs(self) -> dict:
+        from amxtune_trainer import outputs
+
+        out = self.output_dir
+        weights = outputs.write_lora(out / outputs.LORA_FILE, self._layers(), self._metadata())
+        kohya = outputs.write_lora_kohya(out / outputs.LORA_KOHYA_FILE, self._peft_layers(),
+                                         self.lora.scale_alpha)
+        if self.opt.save_as_full_pipeline:
+            outputs.save_full_pipeline(self.model_path, out / outputs.PIPELINE_DIR,
+                                       lambda pipeline: outputs.fuse_lora(pipeline, weights))
+        return {"lora_weights": str(weights.resolve()), "lora_weights_kohya": str(kohya.resolve())}
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
+        for network in self.networks.values():
+            network.disable_adapters()
+        try:
+            yield
+        finally:
+            for network in self.networks.values():
+                network.enable_adapters()
+
+    def concept_rows(self) -> dict:
+        prompt = self._prompt(self.concept.captions[0] if self.concept.captions else None)
+        return {"learned": (prompt, contextlib.nullcontext()),
+                "before": (prompt, self._adapters_off())}
+
+    def method_metrics(self) -> dict:
+        return {"lora": {**self._settings(), "dropout": self.lora.dropout,
+                         "instance_prompt": self.lora.instance_prompt}}
