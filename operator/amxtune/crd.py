@@ -121,7 +121,8 @@ KINDS = [
         short_names=["ftj"],
         spec=finetunejob.FineTuneJobSpec,
         status=finetunejob.FineTuneJobStatus,
-        description="Fine-tunes a Stable Diffusion model on AMX CPU nodes (textual inversion).",
+        description="Fine-tunes a Stable Diffusion model on AMX CPU nodes (textual inversion "
+        "or LoRA).",
         columns=[
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Step", "type": "string", "jsonPath": ".status.progress.display"},
@@ -144,7 +145,8 @@ KINDS = [
             },
             *[
                 _started(path)
-                for path in ("method", "model", "data", "textualInversion", "training", "workers")
+                for path in ("method", "model", "data", "textualInversion", "lora", "training",
+                             "workers")
             ],
         ],
     ),

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from amxtune import manifest
 from amxtune.api.events import EVENT_COMPLETED, EVENT_PROGRESS, EVENT_STARTED
-from amxtune.api.finetunejob import FineTuneJobSpec, ModelSource
+from amxtune.api.finetunejob import LORA_FILE, FineTuneJobSpec, Method, ModelSource
 from amxtune.api.inferencejob import InferenceTask
 from amxtune.api.kube import PvcPath
 from amxtune.render import JobIdentity, rank_environment, trainer_config
-from amxtune.render.finetunejob import LOGS_DIR
+from amxtune.render.finetunejob import LOGS_DIR, TRAINER_COMMAND
 from amxtune.settings import Settings
 
 # Environment the pods get that makes no sense on a workstation.
@@ -161,7 +161,7 @@ class LocalPlan:
     def train_command(self, config_path: Path) -> list[str]:
         return [sys.executable, "-m", "amxtune_trainer", "launch",
                 f"--nproc-per-node={self.ranks}", f"--log-dir={self.log_dir}", "--",
-                "textual-inversion", f"--config={config_path}"]
+                TRAINER_COMMAND[self.spec.method], f"--config={config_path}"]
 
     def inference_task(self) -> dict:
         assert self.spec.export is not None
@@ -172,6 +172,8 @@ class LocalPlan:
             source_dir=str(self.output_dir),
             base_model=None if pipeline.is_dir() else self.model,
             revision=self.spec.model.revision,
+            lora=LORA_FILE if self.spec.method == Method.lora and not pipeline.is_dir()
+            else None,
             output_dir=str(self.output_dir),
             concept_dir=str(self.data_dir),
         ).to_wire()
@@ -232,7 +234,7 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
                 scores = ", ".join(f"{name} {value:.2f}" for name, value
                                    in record["concept_similarity"].items())
                 what = ("the samples" if "images" in record["concept_similarity"]
-                        else "'a photo of a TOKEN'")
+                        else "the concept prompt")
                 print(f"amxtune run: concept similarity of {what} to the training images "
                       f"(0 to 1): {scores}", file=sys.stderr, flush=True)
                 sys.stdout.write(line)

@@ -93,6 +93,24 @@ CASES: list[tuple[str, str, dict, str]] = [
      "textualInversion"),
     ("token-missing", "no placeholder token", {"spec": {"textualInversion": {
         "placeholderToken": None}}}, "placeholderToken"),
+    # --- the method and its section
+    ("lora-without-section", "method lora without its lora section",
+     {"spec": {"method": "lora", "textualInversion": None}}, "lora"),
+    ("lora-and-textual-inversion", "method lora with the other method's section too",
+     {"spec": {"method": "lora", "lora": {"rank": 4}}}, "textualInversion"),
+    ("lora-section-without-method", "a lora section under the default method",
+     {"spec": {"lora": {"rank": 4}}}, "lora"),
+    ("method-unknown", "an unknown method", {"spec": {"method": "dreambooth"}}, "method"),
+    ("lora-rank-zero", "a LoRA rank of 0", {"spec": {"method": "lora", "textualInversion": None,
+                                                    "lora": {"rank": 0}}}, "lora.rank"),
+    ("lora-alpha-zero", "a LoRA alpha of 0", {"spec": {"method": "lora", "textualInversion": None,
+                                                      "lora": {"alpha": 0}}}, "lora.alpha"),
+    ("lora-target-unknown", "an unknown LoRA target module", {"spec": {
+        "method": "lora", "textualInversion": None, "lora": {"targetModules": ["to_x"]}}},
+     "lora.targetModules"),
+    ("lora-prompt-spaces", "an instance prompt of spaces only", {"spec": {
+        "method": "lora", "textualInversion": None, "lora": {"instancePrompt": "   "}}},
+     "lora.instancePrompt"),
     ("prompt-spaces", "a prompt of spaces only", {"spec": {"export": {"prompts": ["   "]}}},
      "export.prompts"),
     ("prompts-batch", "prompts that do not fill the batches", {"spec": {"export": {

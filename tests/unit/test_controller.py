@@ -415,6 +415,32 @@ def test_success_creates_the_inference_job_then_succeeds_with_it(world):
     assert status["outputs"]["samples"] == "/output/dicoo/samples/grid.png"
 
 
+def test_a_lora_job_runs_the_lora_trainer_and_its_export_fuses_the_adapters(world):
+    kube, _clock, ftj, infj = world
+    doc = example(method="lora", lora={"rank": 8, "instancePrompt": "a photo of sks toy"})
+    del doc["spec"]["textualInversion"]
+    doc["spec"]["training"]["saveAsFullPipeline"] = False  # the export fuses the adapters
+    kube.put(doc)
+    ftj.reconcile("ns", "dicoo")
+    command = kube.pods()[0]["spec"]["containers"][0]["command"]
+    assert command[command.index("--") + 1] == "lora"
+    config = json.loads(kube.objects[("ConfigMap", "ns", "dicoo-config")]["data"]["trainer.json"])
+    assert config["lora"]["rank"] == 8 and "textualInversion" not in config
+    kube.set_pod("dicoo-worker-0", "Succeeded", exit_code=0)
+    kube.logs["dicoo-worker-0"] = json.dumps({"event": "completed", "method": "lora",
+                                              "steps": 200, "final_loss": 0.05})
+    ftj.reconcile("ns", "dicoo")
+    outputs = kube.status()["outputs"]
+    assert outputs["lora"] == "dicoo/pytorch_lora_weights.safetensors"
+    assert "embeddings" not in outputs
+    child = kube.objects[("InferenceJob", "ns", "dicoo-export")]
+    assert child["spec"]["source"]["lora"] == "pytorch_lora_weights.safetensors"
+    infj.reconcile("ns", "dicoo-export")
+    task = json.loads(kube.objects[("ConfigMap", "ns", "dicoo-export-config")]["data"][
+        "inference.json"])
+    assert task["lora"] == "pytorch_lora_weights.safetensors"
+
+
 def test_a_pod_the_apiserver_refuses_fails_the_job_at_once_and_stops_its_pods(world):
     kube, _clock, ftj, _ = world
     kube.put(example())

@@ -38,6 +38,7 @@ def render_file(path: Path) -> list[dict]:
     ("source", "golden"),
     [
         (ROOT / "examples" / "finetunejob.yaml", "dicoo.yaml"),
+        (ROOT / "examples" / "lora.yaml", "robot-lora.yaml"),
         (HERE / "manifests" / "small.yaml", "small.yaml"),
         (HERE / "manifests" / "inferencejob.yaml", "inferencejob.yaml"),
     ],

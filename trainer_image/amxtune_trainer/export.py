@@ -40,11 +40,13 @@ import warnings
 from pathlib import Path
 
 from amxtune.api.export import OpenVINOExportOptions, WeightFormat
+from amxtune.api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune_trainer.errors import UserError
 from amxtune_trainer.model_flags import add_model_flags, model_from_args
 
 EXPORT_METADATA = "amxtune_export.json"
-EMBEDDINGS_NAME = "learned_embeds.safetensors"
+EMBEDDINGS_NAME = EMBEDDINGS_FILE
+LORA_NAME = LORA_FILE
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +73,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--token",
         help="Load the embedding under this token instead of the one stored in the file.",
     )
+    parser.add_argument(
+        "--lora-weights",
+        "--lora_weights",
+        dest="lora_weights",
+        help=f"{LORA_NAME} (or the trainer's output folder holding it): LoRA adapters fused "
+        "into --model before export.",
+    )
     parser.add_argument("--revision", help="Hub revision of --model.")
     parser.add_argument(
         "--output", "-o", required=True, help="Folder to create with the OpenVINO pipeline."
@@ -94,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     embeds = resolve_embeddings(args.learned_embeds) if args.learned_embeds else None
     if args.token and not embeds:
         raise UserError("--token needs --learned-embeds")
+    lora = resolve_lora(args.lora_weights) if args.lora_weights else None
+    if lora and embeds:
+        raise UserError("give --learned-embeds or --lora-weights, not both")
     started = time.perf_counter()
     metadata = export_openvino(
         source,
@@ -101,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         options,
         learned_embeds=embeds,
         token=args.token,
+        lora_weights=lora,
         revision=args.revision,
         overwrite=args.overwrite,
     )
@@ -222,6 +235,26 @@ def resolve_embeddings(path_text: str) -> Path:
     return path
 
 
+def resolve_lora(path_text: str) -> Path:
+    """pytorch_lora_weights.safetensors itself, or the folder that holds it; checked to hold
+    LoRA weights in diffusers' naming."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path_text).expanduser().absolute()
+    if path.is_dir():
+        path = path / LORA_NAME
+    if not path.is_file():
+        raise UserError(f"LoRA weights {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
+    if not any(".lora" in key for key in keys):
+        raise UserError(f"{path} holds no LoRA weights")
+    return path
+
+
 def read_embeddings(path: Path) -> dict:
     """{token: tensor[n, dim]} from a diffusers-format learned_embeds.safetensors."""
     from safetensors import SafetensorError
@@ -250,10 +283,12 @@ def export_openvino(
     *,
     learned_embeds: Path | None = None,
     token: str | None = None,
+    lora_weights: Path | None = None,
     revision: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Export `source` (+ `learned_embeds`) into `output` atomically; return the metadata."""
+    """Export `source` (+ `learned_embeds`, or with `lora_weights` fused in) into `output`
+    atomically; return the metadata."""
     output = Path(output).absolute()
     created_parent = _make_parents(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -264,8 +299,12 @@ def export_openvino(
             convert_from, tokens = _pipeline_with_embeddings(
                 source, learned_embeds, token, revision, staging / "source"
             )
+        elif lora_weights is not None:
+            convert_from = _pipeline_with_lora(source, lora_weights, revision,
+                                               staging / "source")
         target = staging / "openvino"
-        pipe = convert(convert_from, options.weight_format, revision=None if tokens else revision)
+        changed = convert_from != source
+        pipe = convert(convert_from, options.weight_format, revision=None if changed else revision)
         make_static(pipe, options)
         pipe.save_pretrained(str(target))
         del pipe
@@ -276,6 +315,7 @@ def export_openvino(
             "options": options.to_wire(),
             "source": source,
             "learned_embeds": str(learned_embeds) if learned_embeds else None,
+            "lora_weights": str(lora_weights) if lora_weights else None,
             "placeholder_tokens": tokens,
             "static": True,
             "weight_bytes": weight_bytes(target),
@@ -393,23 +433,45 @@ def weight_bytes(folder: Path) -> dict[str, int]:
     }
 
 
-def _pipeline_with_embeddings(
-    source: str, embeds: Path, token: str | None, revision: str | None, folder: Path
-) -> tuple[str, list[str]]:
-    """Save `source` with the embedding's token(s) added into `folder`; return it and the tokens."""
+def _load_fp32(source: str, revision: str | None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    tensors = read_embeddings(embeds)
-    if token and len(tensors) != 1:
-        raise UserError(f"--token needs a file with one embedding; {embeds} has {len(tensors)}")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        return StableDiffusionPipeline.from_pretrained(
             source, revision=revision, torch_dtype=torch.float32, safety_checker=None,
             requires_safety_checker=False, local_files_only=Path(source).is_absolute(),
         )
     except OSError as error:
         raise UserError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
+
+
+def _pipeline_with_lora(source: str, weights: Path, revision: str | None, folder: Path) -> str:
+    """Save `source` with the LoRA adapters fused into its weights into `folder`."""
+    from amxtune_trainer.outputs import fuse_lora
+
+    pipe = _load_fp32(source, revision)
+    try:
+        fuse_lora(pipe, weights)
+    except (ValueError, RuntimeError, KeyError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("size mismatch")),
+                      lines[0] if lines else type(error).__name__)
+        raise UserError(f"cannot fuse {weights} into {source} (trained for another base "
+                        f"model?): {detail[:300]}") from None
+    pipe.save_pretrained(str(folder))
+    _write_slow_tokenizer_files(folder / "tokenizer")
+    return str(folder.absolute())
+
+
+def _pipeline_with_embeddings(
+    source: str, embeds: Path, token: str | None, revision: str | None, folder: Path
+) -> tuple[str, list[str]]:
+    """Save `source` with the embedding's token(s) added into `folder`; return it and the tokens."""
+    tensors = read_embeddings(embeds)
+    if token and len(tensors) != 1:
+        raise UserError(f"--token needs a file with one embedding; {embeds} has {len(tensors)}")
+    pipe = _load_fp32(source, revision)
     dim = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
     for name, tensor in tensors.items():
         if tensor.shape[-1] != dim:

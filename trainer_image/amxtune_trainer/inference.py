@@ -1,10 +1,10 @@
 """`amxtune-train inference --config TASK`: the InferenceJob pod's work, in one command.
 
-Exports the trained result (SOURCE/pipeline, or the base model plus the learned embeddings) to
-SOURCE/openvino with `export-openvino`, renders the prompts into SOURCE/samples with
-`generate`, and prints one JSON line `{"event": "completed", ...}` that the operator reads into
-the InferenceJob's status. The task file is amxtune.api.inferencejob.InferenceTask, written by
-the operator (and by `amxtune run`).
+Exports the trained result (SOURCE/pipeline, or the base model plus the learned embeddings, or
+with the LoRA weights fused in) to SOURCE/openvino with `export-openvino`, renders the prompts
+into SOURCE/samples with `generate`, and prints one JSON line `{"event": "completed", ...}`
+that the operator reads into the InferenceJob's status. The task file is
+amxtune.api.inferencejob.InferenceTask, written by the operator (and by `amxtune run`).
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not task.base_model:
             raise UserError(f"{source} has no pipeline/ folder and the task names no base model")
-        embeddings = source / task.embeddings
-        if not embeddings.is_file():
-            raise UserError(f"{embeddings} not found: has the training finished?")
-        export_argv += ["--model", task.base_model, "--learned-embeds", str(embeddings)]
+        weights = source / (task.lora or task.embeddings)
+        if not weights.is_file():
+            raise UserError(f"{weights} not found: has the training finished?")
+        export_argv += ["--model", task.base_model,
+                        "--lora-weights" if task.lora else "--learned-embeds", str(weights)]
         if task.revision:
             export_argv += ["--revision", task.revision]
     _run_subcommand("export-openvino", export_argv)

@@ -11,13 +11,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from amxtune.api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune_trainer.checkpoints import atomic_write, atomic_write_text
 
-EMBEDS_FILE = "learned_embeds.safetensors"
+EMBEDS_FILE = EMBEDDINGS_FILE
 A1111_FILE = "learned_embeds.pt"
 # Automatic1111 / ComfyUI single-file embedding (they name the trigger word after the file)
 EMBEDDING_SINGLE_FILE = "learned_embeds_a1111.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"  # StableDiffusionPipeline.load_lora_weights
 LORA_KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # Automatic1111, ComfyUI
 METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss.png"

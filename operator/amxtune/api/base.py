@@ -1,6 +1,8 @@
 """Shared base for every external input model (CR specs, trainer config, CLI)."""
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, StringConstraints
 from pydantic.alias_generators import to_camel
 
 
@@ -34,3 +36,9 @@ def cel(rule: str, message: str) -> ConfigDict:
     return ConfigDict(
         json_schema_extra={"x-kubernetes-validations": [{"rule": rule, "message": message}]}
     )
+
+
+# Text that must hold words (a prompt). The pattern is for the apiserver: it does not strip, so
+# it must see a non-space character itself.
+NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000,
+                                            pattern=r"\S")]

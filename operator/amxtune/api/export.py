@@ -16,11 +16,10 @@ No torch, diffusers or openvino here: the operator imports these models.
 """
 
 from enum import StrEnum
-from typing import Annotated
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from amxtune.api.base import ApiModel, cel
+from amxtune.api.base import ApiModel, NonBlank, cel
 from amxtune.api.training import MULTIPLE_OF_8
 
 
@@ -61,11 +60,6 @@ class OpenVINOExportOptions(ApiModel):
         if value % 8:
             raise ValueError(f"must be a multiple of 8 (got {value})")
         return value
-
-
-# pattern: the apiserver does not strip, so it must see a non-space character itself
-NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1000,
-                                            pattern=r"\S")]
 
 
 class Baseline(ApiModel):

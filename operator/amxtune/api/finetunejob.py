@@ -30,7 +30,13 @@ from amxtune.api.kube import (
     check_sub_path,
     sub_path_rule,
 )
-from amxtune.api.training import TextualInversionOptions, TrainerRuntimeOptions, TrainingOptions
+from amxtune.api.training import (
+    LORA_FILE,  # noqa: F401 (re-exported)
+    LoraOptions,
+    TextualInversionOptions,
+    TrainerRuntimeOptions,
+    TrainingOptions,
+)
 
 GROUP = "amxtune.io"
 VERSION = "v1alpha1"
@@ -42,6 +48,11 @@ AMX_LABELS = [
 
 class Method(StrEnum):
     textualInversion = "textualInversion"
+    lora = "lora"
+
+
+# spec.method -> its options section (camelCase, as in the manifest)
+METHOD_SECTION = {Method.textualInversion: "textualInversion", Method.lora: "lora"}
 
 
 class ModelSource(ApiModel):
@@ -218,14 +229,21 @@ class Output(ApiModel):
 
 class FineTuneJobSpec(ApiModel):
     model_config = cel(
-        "self.method != 'textualInversion' || has(self.textualInversion)",
-        "textualInversion is required when method is textualInversion",
+        "(self.method == 'textualInversion') == has(self.textualInversion) && "
+        "(self.method == 'lora') == has(self.lora)",
+        "give the options section of spec.method and no other: textualInversion for method "
+        "textualInversion (the default), lora for method lora",
     )
 
-    method: Method = Field(default=Method.textualInversion)
+    method: Method = Field(
+        default=Method.textualInversion,
+        description="textualInversion learns a new token's embedding; lora trains LoRA "
+        "adapters. The section of the same name holds the method's options.",
+    )
     model: ModelSource
     data: DataSource
     textual_inversion: TextualInversionOptions | None = None
+    lora: LoraOptions | None = None
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     workers: Workers = Field(default_factory=Workers)
     runtime: Runtime = Field(default_factory=Runtime)
@@ -247,8 +265,15 @@ class FineTuneJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _method_options(self) -> FineTuneJobSpec:
-        if self.method == Method.textualInversion and self.textual_inversion is None:
-            raise ValueError("textualInversion is required when method is textualInversion")
+        given = {"textualInversion": self.textual_inversion is not None,
+                 "lora": self.lora is not None}
+        wanted = METHOD_SECTION[self.method]
+        if not given[wanted]:
+            raise ValueError(f"{wanted} is required when method is {self.method}")
+        others = [name for name, present in given.items() if present and name != wanted]
+        if others:
+            raise ValueError(f"{others[0]} is the section of another method; with method "
+                             f"{self.method} give only {wanted}")
         return self
 
 
@@ -293,7 +318,10 @@ class Progress(ApiModel):
 class Outputs(ApiModel):
     claim_name: str | None = None
     path: str | None = None
-    embeddings: str | None = None
+    embeddings: str | None = Field(default=None, description="Learned embedding file "
+                                   "(textual inversion), relative to the volume.")
+    lora: str | None = Field(default=None, description="LoRA weights file (diffusers format; "
+                             "the kohya-named copy lies beside it), relative to the volume.")
     pipeline: str | None = None
     inference_job: str | None = None
 

@@ -26,6 +26,12 @@ class InferenceSource(ApiModel):
         default="learned_embeds.safetensors", min_length=1,
         description="Learned embedding file, relative to the source folder.",
     )
+    lora: str | None = Field(
+        default=None, min_length=1, max_length=1024,
+        description="LoRA weights file relative to the source folder (a LoRA training's "
+        "pytorch_lora_weights.safetensors): fused into the base model before export, and "
+        "`embeddings` is not read.",
+    )
 
 
 class InferenceRuntime(ApiModel):
@@ -53,6 +59,7 @@ class InferenceTask(ExportSpec):
     base_model: str | None = None
     revision: str | None = None
     embeddings: str = "learned_embeds.safetensors"
+    lora: str | None = None
     output_dir: str = Field(min_length=1)
     concept_dir: str | None = Field(
         default=None, description="Images of the concept (amxtune run has them at hand): "

@@ -13,7 +13,11 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from amxtune.api.base import ApiModel, cel
+from amxtune.api.base import ApiModel, NonBlank, cel
+
+# Files the trainer leaves in its output folder that the operator points at (status.outputs).
+EMBEDDINGS_FILE = "learned_embeds.safetensors"  # textual inversion
+LORA_FILE = "pytorch_lora_weights.safetensors"  # LoRA
 
 # The CRD checks it too (the validator below gives the clearer message in Python).
 MULTIPLE_OF_8 = {"multipleOf": 8}
@@ -129,8 +133,8 @@ class LoraOptions(ApiModel):
         default=False,
         description="Also put adapters on the text encoder's attention projections.",
     )
-    instance_prompt: str | None = Field(
-        default=None, min_length=1, max_length=1000,
+    instance_prompt: NonBlank | None = Field(
+        default=None,
         description="Prompt of every training image, DreamBooth style ('a photo of sks toy'); "
         "without it each image needs a caption file (training.useCaptions).",
     )
@@ -141,13 +145,6 @@ class LoraOptions(ApiModel):
         if len(set(values)) != len(values):
             raise ValueError("must not name a module twice")
         return values
-
-    @field_validator("instance_prompt")
-    @classmethod
-    def _words(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must contain words, not only spaces")
-        return value
 
     @property
     def scale_alpha(self) -> float:

@@ -22,7 +22,8 @@ from amxtune.api.events import (
     NODE_LACKS_AMX,
     last_failure,
 )
-from amxtune.api.finetunejob import FineTuneJobSpec, Phase
+from amxtune.api.finetunejob import FineTuneJobSpec, Method, Phase
+from amxtune.api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune.controller import metrics
 from amxtune.controller.base import Pass, Reconciler
 from amxtune.controller.kube import now_iso
@@ -301,7 +302,10 @@ class FineTuneJobController(Reconciler):
             self._set_progress(run, {"step": max_steps, "max_steps": max_steps}, spec)
         outputs = status.setdefault("outputs", {})
         base = outputs.get("path") or output_path(job, spec)
-        outputs["embeddings"] = f"{base}/learned_embeds.safetensors"
+        if spec.method == Method.lora:
+            outputs["lora"] = f"{base}/{LORA_FILE}"
+        else:
+            outputs["embeddings"] = f"{base}/{EMBEDDINGS_FILE}"
         if spec.training.save_as_full_pipeline:
             outputs["pipeline"] = f"{base}/pipeline"
         status["workers"] = {"ready": 0, "total": spec.workers.nodes,

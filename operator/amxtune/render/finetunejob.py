@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR
 
 from amxtune import names
-from amxtune.api.finetunejob import FineTuneJobSpec, MemoryAllocator, OpenMP
+from amxtune.api.finetunejob import FineTuneJobSpec, MemoryAllocator, Method, OpenMP
 from amxtune.api.training import TrainerConfig
 from amxtune.quantity import parse_quantity
 from amxtune.render.common import (
@@ -29,6 +29,8 @@ MODEL_MOUNT = "/models"
 HF_HOME = "/var/cache/huggingface"
 LOGS_DIR = "logs"  # inside the job's output folder: failing ranks' tracebacks
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# spec.method -> the `amxtune-train` subcommand that trains it
+TRAINER_COMMAND = {Method.textualInversion: "textual-inversion", Method.lora: "lora"}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,6 @@ def trainer_config(job: JobIdentity, spec: FineTuneJobSpec) -> TrainerConfig:
         data_dir = f"{DATA_MOUNT}/{spec.data.pvc.path.strip('/')}"
     # Always resume: a worker recreated after a failure continues from the last checkpoint.
     training = spec.training.model_copy(update={"resume_from_checkpoint": "latest"})
-    assert spec.textual_inversion is not None  # required for the only method so far
     return TrainerConfig(
         pretrained_model_name_or_path=model_location(spec),
         revision=spec.model.revision,
@@ -90,6 +91,7 @@ def trainer_config(job: JobIdentity, spec: FineTuneJobSpec) -> TrainerConfig:
         output_dir=f"{OUTPUT_MOUNT}/{output_path(job, spec)}",
         require_amx=spec.workers.require_amx,
         textual_inversion=spec.textual_inversion,
+        lora=spec.lora,
         training=training,
         runtime=spec.runtime.to_trainer_options(),
     )
@@ -167,7 +169,7 @@ def worker_command(job: JobIdentity, spec: FineTuneJobSpec, node_rank: int) -> l
         "--master-port=$(MASTER_PORT)",
         *log_dir,
         "--",
-        "textual-inversion",
+        TRAINER_COMMAND[spec.method],
         f"--config={CONFIG_MOUNT}/{CONFIG_FILE}",
     ]
 

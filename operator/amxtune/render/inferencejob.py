@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from amxtune import names
-from amxtune.api.finetunejob import FineTuneJobSpec
+from amxtune.api.finetunejob import LORA_FILE, FineTuneJobSpec, Method
 from amxtune.api.inferencejob import InferenceJobSpec, InferenceTask
 from amxtune.render.common import (
     JobIdentity,
@@ -52,6 +52,7 @@ def inference_task(spec: InferenceJobSpec) -> InferenceTask:
         base_model=base,
         revision=spec.source.model.revision if spec.source.model else None,
         embeddings=spec.source.embeddings,
+        lora=spec.source.lora,
         output_dir=source_dir,
     )
 
@@ -113,6 +114,8 @@ def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str) 
     source: dict = {"pvc": {"claimName": claim_name, "path": output_path(job, spec)}}
     if not spec.training.save_as_full_pipeline:
         source["model"] = spec.model.to_wire()
+        if spec.method == Method.lora:
+            source["lora"] = LORA_FILE
     runtime: dict = {"resources": spec.workers.resources.to_wire()}
     if spec.runtime.image:
         runtime["image"] = spec.runtime.image
