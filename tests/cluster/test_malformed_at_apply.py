@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from tests.support.controlplane import ControlPlane, KubectlError
+from tests.support.jobs import ROOT
 from tests.support.malformed import CASES, malformed
 from tests.support.operator import install_crds
 
@@ -26,6 +27,15 @@ def dry_run(cp: ControlPlane, namespace: str, doc: dict) -> str:
 
 def test_the_corpus_base_is_accepted(crds, namespace):
     assert "dicoo" in dry_run(crds, namespace, malformed({}))
+
+
+def test_a_lora_job_is_accepted(crds, namespace):
+    lora = {"spec": {"method": "lora", "textualInversion": None,
+                     "lora": {"rank": 8, "targetModules": ["to_q", "to_v"],
+                              "instancePrompt": "a photo of sks toy"}}}
+    assert "dicoo" in dry_run(crds, namespace, malformed(lora))
+    example = yaml.safe_load((ROOT / "examples" / "lora.yaml").read_text())
+    assert "robot-lora" in dry_run(crds, namespace, example)
 
 
 @pytest.mark.parametrize(("what", "change", "field"), [c[1:] for c in CASES],
