@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # The install is redone when the pins, the package metadata or the checkout path change
 # (editable installs point at this checkout).
-INSTALL_KEY := $(shell cat requirements/*.txt operator/pyproject.toml trainer_image/pyproject.toml | { cat; echo "$(CURDIR)"; } | sha256sum | cut -c1-16)
+INSTALL_KEY := $(shell cat requirements/*.txt api/pyproject.toml operator/pyproject.toml trainer_image/pyproject.toml | { cat; echo "$(CURDIR)"; } | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.amxtune-$(INSTALL_KEY)
 
 .PHONY: install demo test lint crds
@@ -16,7 +16,7 @@ $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/pins.txt -r requirements/dev.txt \
-		-e operator -e 'trainer_image[export]'
+		-e api -e operator -e 'trainer_image[export]'
 	@rm -f $(VENV)/.amxtune-* && touch $@
 
 demo: install

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from amxtune.api.training import BUILTIN_MODELS
+from amxtune_api.training import BUILTIN_MODELS
 
 log = logging.getLogger(__name__)
 

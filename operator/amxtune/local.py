@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 from amxtune import manifest
-from amxtune.api.events import EVENT_COMPLETED, EVENT_PROGRESS, EVENT_STARTED
-from amxtune.api.finetunejob import LORA_FILE, FineTuneJobSpec, Method, ModelSource
-from amxtune.api.inferencejob import InferenceTask
-from amxtune.api.kube import PvcPath
 from amxtune.render import JobIdentity, rank_environment, trainer_config
 from amxtune.render.finetunejob import LOGS_DIR, TRAINER_COMMAND
 from amxtune.settings import Settings
+from amxtune_api.events import EVENT_COMPLETED, EVENT_PROGRESS, EVENT_STARTED
+from amxtune_api.finetunejob import LORA_FILE, FineTuneJobSpec, Method, ModelSource
+from amxtune_api.inferencejob import InferenceTask
+from amxtune_api.kube import PvcPath
 
 # Environment the pods get that makes no sense on a workstation.
 CLUSTER_ONLY_ENV = {"HF_HOME", "MASTER_ADDR", "MASTER_PORT", "I_MPI_HYDRA_IFACE",

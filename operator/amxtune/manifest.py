@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from amxtune import names
-from amxtune.api.finetunejob import GROUP, VERSION, FineTuneJobSpec
-from amxtune.api.inferencejob import InferenceJobSpec
 from amxtune.render.common import JobIdentity
+from amxtune_api.finetunejob import GROUP, VERSION, FineTuneJobSpec
+from amxtune_api.inferencejob import InferenceJobSpec
 
 SPECS: dict[str, type[BaseModel]] = {
     "FineTuneJob": FineTuneJobSpec,

@@ -6,8 +6,8 @@ import os
 
 from pydantic import Field
 
-from amxtune.api.base import ApiModel
-from amxtune.api.finetunejob import AMX_LABELS
+from amxtune_api.base import ApiModel
+from amxtune_api.finetunejob import AMX_LABELS
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/amxtune/amxtune-trainer:0.1.0"
 

@@ -51,7 +51,7 @@ def full_pipeline(tiny_model, learned_embeds) -> Path:
 @pytest.fixture(scope="session")
 def ov_fp32(tiny_model, learned_embeds, workdir) -> Path:
     """Base model + learned embeddings -> static fp32 export, 2 prompts per call."""
-    from amxtune.api.export import OpenVINOExportOptions
+    from amxtune_api.export import OpenVINOExportOptions
     from amxtune_trainer.export import export_openvino
 
     output = workdir / "fp32" / "openvino"

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from amxtune.api.export import GenerationOptions
+from amxtune_api.export import GenerationOptions
 from amxtune_trainer.cli import main
 
 pytestmark = pytest.mark.openvino
@@ -133,7 +133,7 @@ def test_int8_weights_are_smaller_and_still_render(ov_int8, ov_fp32):
 
 
 def test_fp16_weights_are_half_the_size_and_render(full_pipeline, ov_fp32, tmp_path):
-    from amxtune.api.export import OpenVINOExportOptions
+    from amxtune_api.export import OpenVINOExportOptions
     from amxtune_trainer.export import export_openvino, load_openvino_pipeline, weight_bytes
     from amxtune_trainer.generate import render
 
@@ -149,7 +149,7 @@ def test_fp16_weights_are_half_the_size_and_render(full_pipeline, ov_fp32, tmp_p
 
 
 def test_failed_export_leaves_nothing(tiny_model, learned_embeds, tmp_path, monkeypatch):
-    from amxtune.api.export import OpenVINOExportOptions
+    from amxtune_api.export import OpenVINOExportOptions
     from amxtune_trainer import export
 
     def broken_convert(*args, **kwargs):

@@ -9,7 +9,7 @@ import pytest
 from conftest import SIZE
 from test_export_generate import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, _latents, _shape
 
-from amxtune.api.export import GenerationOptions
+from amxtune_api.export import GenerationOptions
 
 pytestmark = pytest.mark.openvino
 

@@ -62,7 +62,7 @@ def test_invalid_option_is_a_user_error_naming_the_field():
 
 
 def test_the_operator_knows_the_trainers_builtin_models():
-    from amxtune.api.training import BUILTIN_MODELS
+    from amxtune_api.training import BUILTIN_MODELS
     from amxtune_trainer.builtin.models import NAMES
 
     assert set(NAMES) == set(BUILTIN_MODELS)

@@ -4,7 +4,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from amxtune.api.export import (
+from amxtune_api.export import (
     ExportSpec,
     GenerationOptions,
     OpenVINOExportOptions,
@@ -109,7 +109,7 @@ def test_json_schema_has_descriptions_and_bounds_for_the_crd():
 
 def test_importable_without_torch():
     code = (
-        "import sys, amxtune.api.export; "
+        "import sys, amxtune_api.export; "
         "assert not {'torch', 'diffusers', 'openvino', 'optimum'} & set(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from amxtune.api import TrainerConfig, TrainingOptions
+from amxtune_api import TrainerConfig, TrainingOptions
 
 pytestmark = pytest.mark.unit
 

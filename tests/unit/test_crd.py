@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from amxtune import crd
-from amxtune.api.kube import POSITIVE_QUANTITY_PATTERN
+from amxtune_api.kube import POSITIVE_QUANTITY_PATTERN
 
 pytestmark = pytest.mark.unit
 

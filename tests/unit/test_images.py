@@ -82,9 +82,11 @@ def pins() -> dict[str, str]:
 def test_images_install_from_the_project_pins():
     operator = (ROOT / "Dockerfile").read_text()
     trainer = (ROOT / "trainer_image" / "Dockerfile").read_text()
-    assert "-c requirements/pins.txt ./operator" in operator
+    assert "-c requirements/pins.txt ./api ./operator" in operator
     assert "grep -E '^(torch|torchvision)==' requirements/pins.txt" in trainer
-    assert "-c /tmp/constraints.txt ./operator './trainer_image[export]'" in trainer
+    # the trainer needs the shared models, not the operator (kopf, kubernetes, prometheus)
+    assert "-c /tmp/constraints.txt ./api './trainer_image[export]'" in trainer
+    assert "COPY operator/" not in trainer and "./operator" not in trainer
     for name in ("torch", "torchvision", "intel-openmp", "impi-rt", "optimum-intel"):
         assert name in pins(), f"{name} is not pinned in requirements/pins.txt"
     # the legacy variant's versions are the ones intel-extension-for-pytorch 2.8 needs

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from amxtune import manifest
-from amxtune.api.finetunejob import FineTuneJobSpec
 from amxtune.render import JobIdentity, RenderError, rank_layout, render_finetunejob
 from amxtune.render.inferencejob import inference_job_for, render_inferencejob
 from amxtune.settings import Settings
+from amxtune_api.finetunejob import FineTuneJobSpec
 
 pytestmark = pytest.mark.unit
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure(key, source, size, steps, repeats, workdir, export_size) -> dict:
     import torch
 
-    from amxtune.api.export import GenerationOptions
+    from amxtune_api.export import GenerationOptions
     from amxtune_trainer.generate import render
 
     label, backend, weight_format, precision = CONFIGS[key]
@@ -115,7 +115,7 @@ def measure(key, source, size, steps, repeats, workdir, export_size) -> dict:
 
 
 def _openvino(source, weight_format, precision, shape, workdir, export_size):
-    from amxtune.api.export import OpenVINOExportOptions
+    from amxtune_api.export import OpenVINOExportOptions
     from amxtune_trainer.export import export_openvino, load_openvino_pipeline, make_static
     from amxtune_trainer.generate import openvino_precision
 

@@ -4,7 +4,7 @@ Each subcommand lives in its own module exposing `configure_parser(parser)` and
 `run(args) -> int`. Those modules import torch/diffusers/openvino inside `run`, not at module
 level, so that parsing and `--help` stay fast and bad flags fail before heavy imports.
 
-A failure ends in one line on stderr (amxtune.api.events): `...: error: ...` for bad input
+A failure ends in one line on stderr (amxtune_api.events): `...: error: ...` for bad input
 (exit 2), `...: node lacks AMX: ...` (exit 3), `...: rank N failed: ExceptionType: message`
 for anything else (exit 1), with the traceback in $AMXTUNE_LOG_DIR/rank-N.log when that is set
 (else printed above the line).
@@ -21,7 +21,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from amxtune.api.events import EXIT_FAILED, failure_line
+from amxtune_api.events import EXIT_FAILED, failure_line
 from amxtune_trainer.errors import Stopped, UserError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from amxtune.api.training import MixedPrecision
+from amxtune_api.training import MixedPrecision
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from amxtune.api.events import EVENT_STOPPED
+from amxtune_api.events import EVENT_STOPPED
 from amxtune_trainer.errors import Stopped, UserError
 from amxtune_trainer.runtime import seed_for, stop_on_signals
 

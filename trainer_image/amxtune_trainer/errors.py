@@ -1,9 +1,9 @@
 """Errors a user can fix: printed as one line naming the problem, no traceback.
 
-The exit codes and the line format are the contract with the operator (amxtune.api.events).
+The exit codes and the line format are the contract with the operator (amxtune_api.events).
 """
 
-from amxtune.api.events import EXIT_INPUT_ERROR, EXIT_NODE_LACKS_AMX, INPUT_ERROR, NODE_LACKS_AMX
+from amxtune_api.events import EXIT_INPUT_ERROR, EXIT_NODE_LACKS_AMX, INPUT_ERROR, NODE_LACKS_AMX
 
 
 class UserError(Exception):

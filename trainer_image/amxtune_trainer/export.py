@@ -39,8 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
-from amxtune.api.export import OpenVINOExportOptions, WeightFormat
-from amxtune.api.training import EMBEDDINGS_FILE, LORA_FILE
+from amxtune_api.export import OpenVINOExportOptions, WeightFormat
+from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune_trainer.errors import UserError
 from amxtune_trainer.model_flags import add_model_flags, model_from_args
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from amxtune.api.export import GenerationOptions, OpenVINOExportOptions, check_prompts_fill_batches
+from amxtune_api.export import GenerationOptions, OpenVINOExportOptions, check_prompts_fill_batches
 from amxtune_trainer.errors import UserError
 from amxtune_trainer.export import quiet_libraries
 from amxtune_trainer.model_flags import add_model_flags, model_from_args, values_from_args
@@ -223,7 +223,7 @@ def concept_images(concept_dir: Path) -> list:
     """The images in `concept_dir` (the training data's extensions), or a UserError."""
     from PIL import Image
 
-    from amxtune.api.training import TrainingOptions
+    from amxtune_api.training import TrainingOptions
     from amxtune_trainer.data import find_images
 
     folder = Path(concept_dir)

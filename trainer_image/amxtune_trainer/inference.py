@@ -4,7 +4,7 @@ Exports the trained result (SOURCE/pipeline, or the base model plus the learned 
 with the LoRA weights fused in) to SOURCE/openvino with `export-openvino`, renders the prompts
 into SOURCE/samples with `generate`, and prints one JSON line `{"event": "completed", ...}`
 that the operator reads into the InferenceJob's status. The task file is
-amxtune.api.inferencejob.InferenceTask, written by the operator (and by `amxtune run`).
+amxtune_api.inferencejob.InferenceTask, written by the operator (and by `amxtune run`).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def _run_subcommand(command: str, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from amxtune.api.export import GenerationOptions
-    from amxtune.api.inferencejob import InferenceTask
+    from amxtune_api.export import GenerationOptions
+    from amxtune_api.inferencejob import InferenceTask
     from amxtune_trainer.generate import METADATA_NAME
     from amxtune_trainer.options import read_config_file
 

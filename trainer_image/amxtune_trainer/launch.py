@@ -9,7 +9,7 @@ LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; the ranks rendezvous themselv
 re-rendezvous nothing here (the operator restarts the whole group), and it ends every failure
 with its own traceback and an error box, and exits 1 whatever the rank's exit code was. This
 launcher prints one line instead (the rank's own line is just above it) and exits with the
-first failing rank's code, which the operator reads (amxtune.api.events).
+first failing rank's code, which the operator reads (amxtune_api.events).
 
 Signals: SIGINT/SIGTERM are passed on to every rank once; the ranks end their current step and
 save a checkpoint of it (textual_inversion), and those that outlive a grace period are killed.

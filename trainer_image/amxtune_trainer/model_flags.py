@@ -1,4 +1,4 @@
-"""Command-line flags derived from the pydantic option models in `amxtune.api`.
+"""Command-line flags derived from the pydantic option models in `amxtune_api`.
 
 Every field `some_option` becomes `--some-option` and `--some_option` (the diffusers scripts'
 spelling, so that their commands keep working); booleans also get `--no-some-option`; list

@@ -1,6 +1,6 @@
 """Command-line flags derived from the shared option models, and config-file loading.
 
-The trainer's options are defined once, in `amxtune.api.training` (pydantic). Every field of
+The trainer's options are defined once, in `amxtune_api.training` (pydantic). Every field of
 `TrainerConfig`, of the method's section (textual_inversion or lora) and of the shared sections
 becomes a flag spelled with dashes (`--max-train-steps`) and also with underscores
 (`--max_train_steps`, the diffusers scripts' spelling), so that commands written for the
@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from amxtune.api.training import (
+from amxtune_api.training import (
     METHOD_SECTIONS,
     LoraOptions,
     TextualInversionOptions,

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from amxtune.api.training import EMBEDDINGS_FILE, LORA_FILE
+from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune_trainer.checkpoints import atomic_write, atomic_write_text
 
 EMBEDS_FILE = EMBEDDINGS_FILE

@@ -1,7 +1,7 @@
 """Progress reporting (rank 0 only).
 
 Machine-readable: one JSON object per line on stdout, which the operator reads (the event names
-are amxtune.api.events'):
+are amxtune_api.events'):
   {"event": "started", "world_size", "cpu", "cpu_class", "other_cpus", "precision",
    "precision_reason", "packed_convolutions", "channels_last", "torch_compile", "attention",
    "notices"}
@@ -17,7 +17,7 @@ import sys
 import time
 from collections import deque
 
-from amxtune.api.events import EVENT_PROGRESS
+from amxtune_api.events import EVENT_PROGRESS
 
 
 def emit(event: dict, stream=None) -> None:

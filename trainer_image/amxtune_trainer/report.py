@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-from amxtune.api.events import EVENT_COMPLETED, EVENT_STARTED
+from amxtune_api.events import EVENT_COMPLETED, EVENT_STARTED
 
 
 def announce(trainer) -> None:

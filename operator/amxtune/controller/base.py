@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from amxtune.api.finetunejob import Phase
 from amxtune.controller import metrics
 from amxtune.controller.kube import Kube, Refused, now_iso
 from amxtune.controller.state import PodView, apply_kstatus, condition
 from amxtune.render import JobIdentity
 from amxtune.settings import Settings
+from amxtune_api.finetunejob import Phase
 
 log = logging.getLogger("amxtune.controller")
 

@@ -13,17 +13,6 @@ import logging
 from pydantic import ValidationError
 
 from amxtune import names
-from amxtune.api.events import (
-    EVENT_COMPLETED,
-    EVENT_PROGRESS,
-    EVENT_STARTED,
-    EXIT_NODE_LACKS_AMX,
-    INPUT_ERROR_LINE,
-    NODE_LACKS_AMX,
-    last_failure,
-)
-from amxtune.api.finetunejob import FineTuneJobSpec, Method, Phase
-from amxtune.api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune.controller import metrics
 from amxtune.controller.base import Pass, Reconciler
 from amxtune.controller.kube import now_iso
@@ -40,6 +29,17 @@ from amxtune.hub import check_model
 from amxtune.manifest import describe_validation_error
 from amxtune.render import JobIdentity, RenderError, output_path, render_finetunejob
 from amxtune.render.inferencejob import inference_job_for
+from amxtune_api.events import (
+    EVENT_COMPLETED,
+    EVENT_PROGRESS,
+    EVENT_STARTED,
+    EXIT_NODE_LACKS_AMX,
+    INPUT_ERROR_LINE,
+    NODE_LACKS_AMX,
+    last_failure,
+)
+from amxtune_api.finetunejob import FineTuneJobSpec, Method, Phase
+from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 
 log = logging.getLogger("amxtune.finetunejob")
 KIND = "FineTuneJob"

@@ -7,9 +7,6 @@ import logging
 from pydantic import ValidationError
 
 from amxtune import names
-from amxtune.api.events import EVENT_COMPLETED, last_failure
-from amxtune.api.finetunejob import Phase
-from amxtune.api.inferencejob import InferenceJobSpec
 from amxtune.controller import metrics
 from amxtune.controller.base import Pass, Reconciler
 from amxtune.controller.kube import now_iso
@@ -23,6 +20,9 @@ from amxtune.controller.state import (
 from amxtune.manifest import describe_validation_error
 from amxtune.render import JobIdentity
 from amxtune.render.inferencejob import render_inferencejob
+from amxtune_api.events import EVENT_COMPLETED, last_failure
+from amxtune_api.finetunejob import Phase
+from amxtune_api.inferencejob import InferenceJobSpec
 
 log = logging.getLogger("amxtune.inferencejob")
 KIND = "InferenceJob"

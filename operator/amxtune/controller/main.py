@@ -19,12 +19,12 @@ from contextlib import contextmanager
 import kopf
 
 from amxtune import names
-from amxtune.api.finetunejob import Phase
 from amxtune.controller import metrics
 from amxtune.controller.finetunejob import FineTuneJobController
 from amxtune.controller.inferencejob import InferenceJobController, owner_finetunejob
 from amxtune.controller.kube import Kube
 from amxtune.settings import Settings
+from amxtune_api.finetunejob import Phase
 
 log = logging.getLogger("amxtune.operator")
 TERMINAL = (Phase.Succeeded, Phase.Failed)

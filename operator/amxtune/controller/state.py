@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from amxtune import names
-from amxtune.api.finetunejob import Phase
 from amxtune.controller.kube import now_iso
+from amxtune_api.finetunejob import Phase
 
 
 def parse_time(value: str | None) -> datetime | None:

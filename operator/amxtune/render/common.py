@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from amxtune import names
-from amxtune.api.kube import Resources, Toleration
 from amxtune.settings import Settings
+from amxtune_api.kube import Resources, Toleration
 
 API_VERSION = f"{names.GROUP}/v1alpha1"
 

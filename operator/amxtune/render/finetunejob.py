@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR
 
 from amxtune import names
-from amxtune.api.finetunejob import FineTuneJobSpec, MemoryAllocator, Method, OpenMP
-from amxtune.api.training import TrainerConfig
 from amxtune.quantity import parse_quantity
 from amxtune.render.common import (
     JobIdentity,
@@ -19,6 +17,8 @@ from amxtune.render.common import (
     volume_for_pvc,
 )
 from amxtune.settings import Settings
+from amxtune_api.finetunejob import FineTuneJobSpec, MemoryAllocator, Method, OpenMP
+from amxtune_api.training import TrainerConfig
 
 CONFIG_MOUNT = "/etc/amxtune"
 CONFIG_FILE = "trainer.json"

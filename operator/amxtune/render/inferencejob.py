@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass
 
 from amxtune import names
-from amxtune.api.finetunejob import LORA_FILE, FineTuneJobSpec, Method
-from amxtune.api.inferencejob import InferenceJobSpec, InferenceTask
 from amxtune.render.common import (
     JobIdentity,
     object_meta,
@@ -23,6 +21,8 @@ from amxtune.render.finetunejob import (
     output_path,
 )
 from amxtune.settings import Settings
+from amxtune_api.finetunejob import LORA_FILE, FineTuneJobSpec, Method
+from amxtune_api.inferencejob import InferenceJobSpec, InferenceTask
 
 TASK_FILE = "inference.json"
 

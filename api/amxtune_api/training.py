@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from amxtune.api.base import ApiModel, NonBlank, cel
+from amxtune_api.base import ApiModel, NonBlank, cel
 
 # Files the trainer leaves in its output folder that the operator points at (status.outputs).
 EMBEDDINGS_FILE = "learned_embeds.safetensors"  # textual inversion

@@ -1,7 +1,7 @@
 """Pydantic models of amxtune's external inputs: the one source of truth for CRDs and trainer."""
 
-from amxtune.api.base import ApiModel
-from amxtune.api.training import (
+from amxtune_api.base import ApiModel
+from amxtune_api.training import (
     Accelerator,
     DistributedBackend,
     LearnableProperty,

@@ -19,8 +19,8 @@ from enum import StrEnum
 
 from pydantic import Field, field_validator, model_validator
 
-from amxtune.api.base import ApiModel, NonBlank, cel
-from amxtune.api.training import MULTIPLE_OF_8
+from amxtune_api.base import ApiModel, NonBlank, cel
+from amxtune_api.training import MULTIPLE_OF_8
 
 
 class WeightFormat(StrEnum):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from amxtune.api.base import ApiModel
-from amxtune.api.export import ExportSpec
-from amxtune.api.finetunejob import Condition, ModelSource, Phase
-from amxtune.api.kube import EnvVar, PvcPath, Resources, Toleration
+from amxtune_api.base import ApiModel
+from amxtune_api.export import ExportSpec
+from amxtune_api.finetunejob import Condition, ModelSource, Phase
+from amxtune_api.kube import EnvVar, PvcPath, Resources, Toleration
 
 
 class InferenceSource(ApiModel):

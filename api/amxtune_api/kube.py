@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints, model_validator
 
-from amxtune.api.base import ApiModel, cel
+from amxtune_api.base import ApiModel, cel
 
 # The patterns are written for both regex engines (Python's and the apiserver's RE2), so that
 # offline validation (`amxtune run`, `amxtune render`) and `kubectl apply` agree.

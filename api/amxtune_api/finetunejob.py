@@ -13,9 +13,9 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints, model_validator
 
-from amxtune.api.base import ApiModel, cel
-from amxtune.api.export import ExportSpec
-from amxtune.api.kube import (
+from amxtune_api.base import ApiModel, cel
+from amxtune_api.export import ExportSpec
+from amxtune_api.kube import (
     DNS_SUBDOMAIN_PATTERN,
     LABEL_KEY_PATTERN,
     EnvVar,
@@ -30,7 +30,7 @@ from amxtune.api.kube import (
     check_sub_path,
     sub_path_rule,
 )
-from amxtune.api.training import (
+from amxtune_api.training import (
     LORA_FILE,  # noqa: F401 (re-exported)
     LoraOptions,
     TextualInversionOptions,
