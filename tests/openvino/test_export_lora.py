@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SIZE
-from test_export_generate import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, _latents, _shape
+from test_export_generate import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, SIZE, _latents, _shape
 
 from amxtune_api.export import GenerationOptions
 
