@@ -73,6 +73,12 @@ class InferenceJobStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list)
     restarts: int = 0
     exported_model: str | None = None
+    exported_from: str | None = Field(
+        default=None, description="What was exported: 'pipeline' (the trained full pipeline), "
+        "'embeddings' (the base model with the learned token added) or 'lora' (the base model "
+        "with the LoRA adapters fused in).")
+    weights: str | None = Field(
+        default=None, description="The embedding or LoRA file added to the base model.")
     grid: str | None = None
     images: int | None = None
     image_paths: list[str] = Field(

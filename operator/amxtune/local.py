@@ -26,7 +26,7 @@ from amxtune import manifest
 from amxtune.render import JobIdentity, rank_environment, trainer_config
 from amxtune.render.finetunejob import LOGS_DIR, TRAINER_COMMAND
 from amxtune.settings import Settings
-from amxtune_api.events import EVENT_COMPLETED, EVENT_PROGRESS, EVENT_STARTED
+from amxtune_api.events import EVENT_COMPLETED, TrainingProgress, TrainingStarted
 from amxtune_api.finetunejob import LORA_FILE, FineTuneJobSpec, Method, ModelSource
 from amxtune_api.inferencejob import InferenceTask
 from amxtune_api.kube import PvcPath
@@ -187,13 +187,14 @@ class ProgressBar:
         self.tty = stream.isatty()
         self.last_plain = 0.0
 
-    def update(self, record: dict) -> None:
-        step, total = record.get("step", 0), max(1, record.get("max_steps", 1))
+    def update(self, record: TrainingProgress) -> None:
+        step, total = record.step, max(1, record.max_steps)
         width = 30
         filled = int(width * step / total)
-        text = (f"{step}/{total} loss {record.get('loss', float('nan')):.4f} "
-                f"{record.get('samples_per_second', 0):.2f} samples/s "
-                f"eta {record.get('eta_seconds', 0):.0f}s")
+        loss = record.loss if record.loss is not None else float("nan")
+        text = (f"{step}/{total} loss {loss:.4f} "
+                f"{record.samples_per_second or 0:.2f} samples/s "
+                f"eta {record.eta_seconds or 0:.0f}s")
         if self.tty:
             self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\033[K")
             self.stream.flush()
@@ -221,22 +222,21 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
                     record = json.loads(line)
                 except ValueError:
                     record = None
-            event = record.get("event") if isinstance(record, dict) else None
-            if bar is not None and event == EVENT_PROGRESS:
-                bar.update(record)
-            elif event == EVENT_STARTED:
-                assert isinstance(record, dict)
-                print(f"amxtune run: training in {record.get('precision')} "
-                      f"({record.get('precision_reason')}) on {record.get('cpu')}",
+            progress, started = TrainingProgress.read(record), TrainingStarted.read(record)
+            # the training's and the export's completed lines both may carry similarities
+            scores = (record.get("concept_similarity") if isinstance(record, dict)
+                      and record.get("event") == EVENT_COMPLETED else None)
+            if bar is not None and progress is not None:
+                bar.update(progress)
+            elif started is not None:
+                print(f"amxtune run: training in {started.precision} "
+                      f"({started.precision_reason}) on {started.cpu}",
                       file=sys.stderr, flush=True)
-            elif event == EVENT_COMPLETED and isinstance(record, dict) and isinstance(
-                    record.get("concept_similarity"), dict):
-                scores = ", ".join(f"{name} {value:.2f}" for name, value
-                                   in record["concept_similarity"].items())
-                what = ("the samples" if "images" in record["concept_similarity"]
-                        else "the concept prompt")
+            elif isinstance(scores, dict):
+                listed = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
+                what = "the samples" if "images" in scores else "the concept prompt"
                 print(f"amxtune run: concept similarity of {what} to the training images "
-                      f"(0 to 1): {scores}", file=sys.stderr, flush=True)
+                      f"(0 to 1): {listed}", file=sys.stderr, flush=True)
                 sys.stdout.write(line)
             else:
                 if bar is not None and bar.tty:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import BASE_ARGS, make_images
+from trainer_helpers import BASE_ARGS, make_images
 
 pytestmark = pytest.mark.trainer
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BASE_ARGS, events, run_trainer, trainer_env
+from trainer_helpers import BASE_ARGS, events, run_trainer, trainer_env
 
 from amxtune_trainer import cpu
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_images
+from trainer_helpers import make_images
 
 pytestmark = pytest.mark.trainer
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import BASE_ARGS, TOKEN, events, run_trainer, trainer_env
 from safetensors.torch import load_file
+from trainer_helpers import BASE_ARGS, TOKEN, events, run_trainer, trainer_env
 
 pytestmark = pytest.mark.trainer
 

@@ -10,7 +10,7 @@ import time
 
 import psutil
 import pytest
-from conftest import BASE_ARGS, trainer_env
+from trainer_helpers import BASE_ARGS, trainer_env
 
 pytestmark = pytest.mark.trainer
 

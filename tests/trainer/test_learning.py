@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import events, run_trainer, trainer_env
+from trainer_helpers import events, run_trainer, trainer_env
 
 pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[2]

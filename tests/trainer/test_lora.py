@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import events, run_trainer, trainer_env
 from safetensors.torch import load_file
+from trainer_helpers import events, run_trainer, trainer_env
 
 pytestmark = pytest.mark.trainer
 RANK = 4

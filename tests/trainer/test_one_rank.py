@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-from conftest import TOKEN, events
 from safetensors.torch import load_file
+from trainer_helpers import TOKEN, events
 
 pytestmark = pytest.mark.trainer
 

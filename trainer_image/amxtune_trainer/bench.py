@@ -1,4 +1,4 @@
-"""`python -m amxtune_trainer.bench`: how fast a textual-inversion step is (not a test).
+"""`python -m amxtune_trainer.bench`: how fast a training step is (not a test).
 
 Runs the real trainer (a subprocess per configuration: `python -m amxtune_trainer` for one rank,
 `amxtune-train launch` for several) on synthetic images and prints the CPU (the trainer's
@@ -6,6 +6,11 @@ probe) and, per configuration, the median seconds per step after warm-up, sample
 peak RSS per rank and the bytes all-reduced per step; with --flops also the FLOPs of one step
 (counted by torch's FlopCounterMode) and the achieved FLOP/s against the CPU's AMX bf16 peak.
 The load average is printed too: other processes on the node skew the figures.
+
+--method lora times LoRA steps (rank 4 on the attention projections) instead of textual
+inversion. --against-reference SCRIPT also runs the diffusers script for the method (a copy
+the user points at, see bench_reference.py) on the same configuration, in alternating order
+over --passes passes, and prints both and their ratio.
 
 --same-learning trains the tiny model twice, with and without the speed-ups (bf16 weights +
 autocast + channels_last vs fp32), and evaluates both embeddings with the same fp32
@@ -43,13 +48,22 @@ def make_images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
+LORA_RANK = 4
+
+
 def trainer_args(model: str, data: Path, out: Path, resolution: int, precision: str,
-                 steps: int, extra: list[str] | None = None) -> list[str]:
+                 steps: int, extra: list[str] | None = None,
+                 method: str = "textual-inversion") -> list[str]:
+    if method == "lora":
+        concept = ["--instance-prompt", "a photo of sks toy", "--rank", str(LORA_RANK),
+                   "--learning-rate", "1e-4"]
+    else:
+        concept = ["--placeholder-token", TOKEN, "--initializer-token", "toy",
+                   "--learning-rate", "5e-3"]
     return [
-        "--model", model, "--train-data-dir", str(data), "--output-dir", str(out),
-        "--placeholder-token", TOKEN, "--initializer-token", "toy",
+        "--model", model, "--train-data-dir", str(data), "--output-dir", str(out), *concept,
         "--resolution", str(resolution), "--mixed-precision", "no" if precision == "fp32"
-        else precision, "--max-train-steps", str(steps), "--learning-rate", "5e-3",
+        else precision, "--max-train-steps", str(steps),
         "--lr-warmup-steps", "0", "--seed", "0", "--eval-samples", "0",
         "--checkpointing-steps", str(10 ** 6), "--save-steps", str(10 ** 6),
         "--logging-steps", "1", *(extra or []),
@@ -57,16 +71,21 @@ def trainer_args(model: str, data: Path, out: Path, resolution: int, precision: 
 
 
 def run_config(model: str, resolution: int, precision: str, ranks: int, steps: int,
-               warmup: int, workdir: Path, extra: list[str]) -> dict:
-    name = f"{model}-{resolution}-{precision}-r{ranks}"
+               warmup: int, workdir: Path, extra: list[str],
+               method: str = "textual-inversion") -> dict:
+    name = f"{method}-{model}-{resolution}-{precision}-r{ranks}"
     data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
     out = workdir / name
-    args = trainer_args(model, data, out, resolution, precision, steps, extra)
+    if out.exists():  # a previous pass: start fresh, not from its checkpoint
+        import shutil
+
+        shutil.rmtree(out)
+    args = trainer_args(model, data, out, resolution, precision, steps, extra, method)
     if ranks == 1:
-        command = [sys.executable, "-m", "amxtune_trainer", "textual-inversion", *args]
+        command = [sys.executable, "-m", "amxtune_trainer", method, *args]
     else:
         command = [sys.executable, "-m", "amxtune_trainer", "launch", "--nproc-per-node",
-                   str(ranks), "--", "textual-inversion", *args]
+                   str(ranks), "--", method, *args]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -77,7 +96,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
     times = metrics["step_seconds"][warmup:] or metrics["step_seconds"]
     median = statistics.median(times)
     return {
-        "name": name, "model": model, "resolution": resolution, "precision": precision,
+        "name": name, "method": method, "model": model, "resolution": resolution,
+        "precision": precision,
         "ranks": ranks, "used_precision": metrics["mixed_precision"]["used"],
         "steps_timed": len(times), "seconds_per_step": median,
         "min_seconds_per_step": min(times),
@@ -184,6 +204,52 @@ def same_learning(steps: int, workdir: Path) -> list[dict]:
     return rows
 
 
+def against_reference(args, workdir: Path, extra: list[str]) -> list[dict]:
+    """Ours and the reference script on each configuration, alternating which runs first."""
+    from amxtune_trainer.bench_reference import reference_command, run_reference
+    from amxtune_trainer.builtin.models import ensure_builtin_model
+
+    rows = []
+    for model, resolution, precision in itertools.product(args.model, args.resolution,
+                                                          args.precision):
+        data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
+        command = reference_command(Path(args.against_reference), args.method,
+                                    ensure_builtin_model(model), data, workdir / "reference",
+                                    resolution, precision, args.steps, LORA_RANK)
+        passes = []
+        for number in range(args.passes):
+            order = ["reference", "amxtune"] if number % 2 == 0 else ["amxtune", "reference"]
+            result = {}
+            for who in order:
+                if who == "reference":
+                    result[who] = run_reference(command, args.warmup)
+                else:
+                    result[who] = run_config(model, resolution, precision, 1, args.steps,
+                                             args.warmup, workdir, extra, args.method)
+                print(json.dumps({"pass": number, "who": who, "model": model,
+                                  "resolution": resolution, "precision": precision,
+                                  **result[who]}), file=sys.stderr, flush=True)
+            passes.append(result)
+        rows.append({"model": model, "resolution": resolution, "precision": precision,
+                     "passes": passes})
+    print("| method | model | px | precision | reference s/step | amxtune s/step | speed-up "
+          "| reference peak RSS MB | amxtune peak RSS MB | passes |")
+    print("|" + "---|" * 10)
+    for row in rows:
+        ref = [p["reference"]["seconds_per_step"] for p in row["passes"]]
+        ours = [p["amxtune"]["seconds_per_step"] for p in row["passes"]]
+        ratio = statistics.median(r / o for r, o in zip(ref, ours, strict=True))
+        row["speedup"] = ratio
+        print(f"| {args.method} | {row['model']} | {row['resolution']} | {row['precision']} | "
+              f"{statistics.median(ref):.3f} ({min(ref):.2f}–{max(ref):.2f}) | "
+              f"{statistics.median(ours):.3f} ({min(ours):.2f}–{max(ours):.2f}) | "
+              f"**{ratio:.2f}×** | "
+              f"{max(p['reference']['peak_rss_mb'] for p in row['passes']):,.0f} | "
+              f"{max(p['amxtune']['peak_rss_mb'] for p in row['passes']):,.0f} | "
+              f"{len(row['passes'])} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amxtune_trainer.bench",
                                      description=__doc__.splitlines()[0])
@@ -194,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["auto", "fp32", "bf16"],
                         help="auto: what the trainer would choose on this CPU")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1])
+    parser.add_argument("--method", choices=["textual-inversion", "lora"],
+                        default="textual-inversion")
+    parser.add_argument("--against-reference", metavar="SCRIPT",
+                        help="a copy of the diffusers script for --method (textual_inversion.py "
+                        "or train_dreambooth_lora.py) to run on the same configurations")
+    parser.add_argument("--passes", type=int, default=2,
+                        help="with --against-reference: passes, alternating which runs first")
     parser.add_argument("--steps", type=int, default=6, help="steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     parser.add_argument("--flops", action="store_true", help="count FLOPs, compare to peak")
@@ -229,11 +302,23 @@ def main(argv: list[str] | None = None) -> int:
           f"PyTorch kernels: {cpu.torch_capability}", flush=True)
     print(f"# load average before: {os.getloadavg()[0]:.2f}; cores: "
           f"{len(os.sched_getaffinity(0))}", flush=True)
+    if args.against_reference:
+        if not Path(args.against_reference).is_file():
+            parser.error(f"--against-reference {args.against_reference}: no such file")
+        extras_ref = against_reference(args, workdir, extra)
+        print(f"# load average after: {os.getloadavg()[0]:.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"cpu": cpu.to_dict(), "method": args.method,
+                                                   "against_reference": extras_ref},
+                                                  indent=2) + "\n")
+        if context is not None:
+            context.cleanup()
+        return 0
     grid = [] if args.no_timing else list(itertools.product(
         args.model, args.resolution, args.precision, args.ranks))
     for model, resolution, precision, ranks in grid:
         row = run_config(model, resolution, precision, ranks, args.steps, args.warmup,
-                         workdir, extra)
+                         workdir, extra, args.method)
         if args.flops:
             key = (model, resolution)
             if key not in flops:  # in a child process: keeps this one small

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from amxtune_api.events import EVENT_STOPPED
+from amxtune_api.events import TrainingStopped
 from amxtune_trainer.errors import Stopped, UserError
 from amxtune_trainer.runtime import seed_for, stop_on_signals
 
@@ -388,7 +388,7 @@ class Trainer:
                 if main:
                     saved = step % self.opt.checkpointing_steps == 0  # just now, periodically
                     checkpoint = self._checkpoint_path(step) if saved else self._save(step)
-                    emit({"event": EVENT_STOPPED, "step": step, "checkpoint": str(checkpoint)})
+                    emit(TrainingStopped(step=step, checkpoint=str(checkpoint)))
                 raise Stopped(self.stop_signal or signal.SIGTERM, step)
 
     def _periodic(self, step: int) -> None:

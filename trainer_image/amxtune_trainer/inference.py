@@ -52,6 +52,7 @@ def _run_subcommand(command: str, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from amxtune_api.events import ExportCompleted
     from amxtune_api.export import GenerationOptions
     from amxtune_api.inferencejob import InferenceTask
     from amxtune_trainer.generate import METADATA_NAME
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     openvino, samples = output / "openvino", output / "samples"
     pipeline = source / "pipeline"
     export_argv = ["--output", str(openvino), "--overwrite", *model_to_flags(task.openvino)]
+    source_kind, weights_file = "pipeline", None
     if (pipeline / "model_index.json").is_file():
         export_argv += ["--model", str(pipeline)]
     else:
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{weights} not found: has the training finished?")
         export_argv += ["--model", task.base_model,
                         "--lora-weights" if task.lora else "--learned-embeds", str(weights)]
+        source_kind, weights_file = ("lora" if task.lora else "embeddings"), str(weights)
         if task.revision:
             export_argv += ["--revision", task.revision]
     _run_subcommand("export-openvino", export_argv)
@@ -95,20 +98,12 @@ def run(args: argparse.Namespace) -> int:
     )
     rendered = json.loads((samples / METADATA_NAME).read_text())
     similarity = rendered.get("concept_similarity")
-    print(
-        json.dumps(
-            {
-                "event": "completed",
-                "openvino": str(openvino),
-                "samples": str(samples),
-                "grid": str(samples / rendered["grid"]),
-                "image_paths": [str(samples / image["file"]) for image in rendered["images"]],
-                "images": rendered["num_images"],
-                "seconds_per_image": rendered["seconds_per_image"],
-                **({"concept_similarity": {k: similarity[k] for k in ("images", "baseline")
-                                           if k in similarity}} if similarity else {}),
-            }
-        ),
-        flush=True,
-    )
+    print(ExportCompleted(
+        openvino=str(openvino), source=source_kind, weights=weights_file,
+        samples=str(samples), grid=str(samples / rendered["grid"]),
+        image_paths=[str(samples / image["file"]) for image in rendered["images"]],
+        images=rendered["num_images"], seconds_per_image=rendered["seconds_per_image"],
+        concept_similarity={k: similarity[k] for k in ("images", "baseline") if k in similarity}
+        if similarity else None,
+    ).line(), flush=True)
     return 0

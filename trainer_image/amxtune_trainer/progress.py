@@ -1,28 +1,23 @@
 """Progress reporting (rank 0 only).
 
-Machine-readable: one JSON object per line on stdout, which the operator reads (the event names
-are amxtune_api.events'):
-  {"event": "started", "world_size", "cpu", "cpu_class", "other_cpus", "precision",
-   "precision_reason", "packed_convolutions", "channels_last", "torch_compile", "attention",
-   "notices"}
-  {"event": "progress", "step", "max_steps", "loss", "lr", "samples_per_second", "eta_seconds"}
-  {"event": "completed", "output_dir", "learned_embeds", "steps", "final_loss", "wall_seconds"}
+Machine-readable: one JSON object per line on stdout, which the operator reads; the events and
+their keys are the models of amxtune_api.events (TrainingStarted, TrainingProgress,
+TrainingCompleted, TrainingStopped), shared by both sides.
 Human: a progress bar on stderr, only when stdout is a terminal.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import deque
 
-from amxtune_api.events import EVENT_PROGRESS
+from amxtune_api.events import Event, TrainingProgress
 
 
-def emit(event: dict, stream=None) -> None:
+def emit(event: Event, stream=None) -> None:
     stream = stream or sys.stdout
-    stream.write(json.dumps(event, separators=(", ", ": ")) + "\n")
+    stream.write(event.line() + "\n")
     stream.flush()
 
 
@@ -58,15 +53,11 @@ class Progress:
             first_step, first_time = self.recent[0]
             elapsed = max(now - first_time, 1e-9)
             per_step = elapsed / max(step - first_step, 1)
-            emit({
-                "event": EVENT_PROGRESS,
-                "step": int(step),
-                "max_steps": int(self.max_steps),
-                "loss": float(loss),
-                "lr": float(lr),
-                "samples_per_second": round(self.samples_per_step / per_step, 4),
-                "eta_seconds": round(per_step * (self.max_steps - step), 2),
-            })
+            emit(TrainingProgress(
+                step=int(step), max_steps=int(self.max_steps), loss=float(loss), lr=float(lr),
+                samples_per_second=round(self.samples_per_step / per_step, 4),
+                eta_seconds=round(per_step * (self.max_steps - step), 2),
+            ))
 
     def close(self) -> None:
         if self.bar is not None:

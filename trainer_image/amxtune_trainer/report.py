@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-from amxtune_api.events import EVENT_COMPLETED, EVENT_STARTED
+from amxtune_api.events import TrainingCompleted, TrainingStarted
 
 
 def announce(trainer) -> None:
@@ -24,21 +24,15 @@ def announce(trainer) -> None:
             print(f"amxtune-train {trainer.METHOD}: notice: {prefix}{line}",
                   file=sys.stderr, flush=True)
     if trainer.info.is_main:
-        emit({
-            "event": EVENT_STARTED,
-            "method": trainer.METHOD,
-            "world_size": trainer.info.world_size,
-            "cpu": first.summary(),
-            "cpu_class": first.cpu_class,
-            "other_cpus": sorted({c.summary() for c in trainer.cpus} - {first.summary()}),
-            "precision": trainer.plan.label,
-            "precision_reason": trainer.plan.precision_reason,
-            "packed_convolutions": trainer.plan.packed_convolutions,
-            "channels_last": trainer.plan.channels_last,
-            "torch_compile": trainer.plan.torch_compile,
-            "attention": trainer.plan.attention,
-            "notices": trainer.plan.notices,
-        })
+        plan = trainer.plan
+        emit(TrainingStarted(
+            method=trainer.METHOD, world_size=trainer.info.world_size, cpu=first.summary(),
+            cpu_class=first.cpu_class,
+            other_cpus=sorted({c.summary() for c in trainer.cpus} - {first.summary()}),
+            precision=plan.label, precision_reason=plan.precision_reason,
+            packed_convolutions=plan.packed_convolutions, channels_last=plan.channels_last,
+            torch_compile=plan.torch_compile, attention=plan.attention, notices=plan.notices,
+        ))
 
 
 def parameters_digest(parameters) -> str:
@@ -113,16 +107,9 @@ def finish(trainer, started: float) -> None:
     outputs.write_metrics(trainer.output_dir / outputs.METRICS_FILE, metrics)
     outputs.write_loss_plot(trainer.output_dir / outputs.LOSS_PLOT, trainer.history,
                             trainer.eval_points)
-    completed = {
-        "event": EVENT_COMPLETED,
-        "method": trainer.METHOD,
-        "output_dir": str(trainer.output_dir.resolve()),
-        **completed_fields,
-        "steps": int(trainer.step),
-        "final_loss": float(final_loss),
-        "wall_seconds": round(wall, 3),
-    }
-    if similarity is not None:
-        completed["concept_similarity"] = {
-            k: v for k, v in similarity.items() if k in ("before", "initializer", "learned")}
-    emit(completed)
+    emit(TrainingCompleted(
+        method=trainer.METHOD, output_dir=str(trainer.output_dir.resolve()), **completed_fields,
+        steps=int(trainer.step), final_loss=float(final_loss), wall_seconds=round(wall, 3),
+        concept_similarity=None if similarity is None else {
+            k: v for k, v in similarity.items() if k in ("before", "initializer", "learned")},
+    ))

@@ -36,6 +36,9 @@ from amxtune_api.events import (
     EXIT_NODE_LACKS_AMX,
     INPUT_ERROR_LINE,
     NODE_LACKS_AMX,
+    TrainingCompleted,
+    TrainingProgress,
+    TrainingStarted,
     last_failure,
 )
 from amxtune_api.finetunejob import FineTuneJobSpec, Method, Phase
@@ -242,64 +245,53 @@ class FineTuneJobController(Reconciler):
             return
         attempt = current_attempt(run.status)
         if (run.status.get("trainer") or {}).get("attempt") != attempt:
-            started = last_json_line(self.kube.log_head(job.namespace, leader.name),
-                                     EVENT_STARTED)
+            started = TrainingStarted.read(last_json_line(
+                self.kube.log_head(job.namespace, leader.name), EVENT_STARTED))
             if started is not None:
                 self._set_trainer_report(run, started, attempt, leader)
         progress = run.status.get("progress") or {}
         last = parse_time(progress.get("updated"))
         if last and (run.now - last).total_seconds() < self.settings.progress_interval_seconds:
             return
-        record = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50),
-                                EVENT_PROGRESS)
+        record = TrainingProgress.read(last_json_line(
+            self.kube.log_tail(job.namespace, leader.name, 50), EVENT_PROGRESS))
         if record is None:
             return
-        self._set_progress(run, record, spec)
+        self._set_progress(run, record)
 
-    def _set_trainer_report(self, run: Pass, record: dict, attempt: int, leader: PodView) -> None:
-        report: dict = {"attempt": attempt}
-        if leader.node:
-            report["node"] = leader.node
-        for source, target in (("cpu", "cpu"), ("cpu_class", "cpuClass"),
-                               ("precision", "mixedPrecision"),
-                               ("precision_reason", "precisionReason")):
-            if isinstance(record.get(source), str):
-                report[target] = record[source]
-        notices = record.get("notices")
-        if isinstance(notices, list):
-            report["notices"] = [str(n) for n in notices]
-        run.status["trainer"] = report
+    def _set_trainer_report(self, run: Pass, started: TrainingStarted, attempt: int,
+                            leader: PodView) -> None:
+        report: dict = {"attempt": attempt, "node": leader.node, "cpu": started.cpu,
+                        "cpuClass": started.cpu_class, "mixedPrecision": started.precision,
+                        "precisionReason": started.precision_reason,
+                        "notices": list(started.notices)}
+        run.status["trainer"] = {k: v for k, v in report.items() if v is not None}
 
-    def _set_progress(self, run: Pass, record: dict, spec: FineTuneJobSpec) -> None:
-        step = int(record.get("step", 0))
-        max_steps = int(record.get("max_steps", spec.training.max_train_steps))
+    def _set_progress(self, run: Pass, record: TrainingProgress) -> None:
         progress = {
-            "step": step,
-            "maxSteps": max_steps,
-            "display": f"{step}/{max_steps}",
+            "step": record.step,
+            "maxSteps": record.max_steps,
+            "display": f"{record.step}/{record.max_steps}",
             "updated": now_iso(run.now),
         }
-        for source, target in (("loss", "loss"), ("lr", "learningRate"),
-                               ("samples_per_second", "samplesPerSecond"),
-                               ("eta_seconds", "etaSeconds")):
-            if isinstance(record.get(source), int | float):
-                progress[target] = round(float(record[source]), 6)
+        for value, target in ((record.loss, "loss"), (record.lr, "learningRate"),
+                              (record.samples_per_second, "samplesPerSecond"),
+                              (record.eta_seconds, "etaSeconds")):
+            if value is not None:
+                progress[target] = round(float(value), 6)
         run.status["progress"] = progress
 
     def _trained(
         self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec, leader: PodView
     ) -> None:
         status = run.status
-        final = last_json_line(self.kube.log_tail(job.namespace, leader.name, 50),
-                               EVENT_COMPLETED)
+        final = TrainingCompleted.read(last_json_line(
+            self.kube.log_tail(job.namespace, leader.name, 50), EVENT_COMPLETED,
+        )) or TrainingCompleted()
         max_steps = spec.training.max_train_steps
-        if final is not None:
-            self._set_progress(
-                run, {"step": final.get("steps", max_steps), "max_steps": max_steps,
-                      "loss": final.get("final_loss")}, spec,
-            )
-        else:
-            self._set_progress(run, {"step": max_steps, "max_steps": max_steps}, spec)
+        step = final.steps if final.steps is not None else max_steps
+        self._set_progress(run, TrainingProgress(step=step, max_steps=max_steps,
+                                                 loss=final.final_loss))
         outputs = status.setdefault("outputs", {})
         base = outputs.get("path") or output_path(job, spec)
         if spec.method == Method.lora:

@@ -20,7 +20,7 @@ from amxtune.controller.state import (
 from amxtune.manifest import describe_validation_error
 from amxtune.render import JobIdentity
 from amxtune.render.inferencejob import render_inferencejob
-from amxtune_api.events import EVENT_COMPLETED, last_failure
+from amxtune_api.events import EVENT_COMPLETED, ExportCompleted, last_failure
 from amxtune_api.finetunejob import Phase
 from amxtune_api.inferencejob import InferenceJobSpec
 
@@ -67,21 +67,24 @@ class InferenceJobController(Reconciler):
                           f"{spec.openvino.height}) and {len(spec.prompts)} prompt(s)")
             return apply_kstatus(status, "Exporting", "export pod created", run.now)
         if current.phase == "Succeeded":
-            result = last_json_line(self.kube.log_tail(job.namespace, current.name, 50),
-                                    EVENT_COMPLETED) or {}
+            result = ExportCompleted.read(last_json_line(
+                self.kube.log_tail(job.namespace, current.name, 50), EVENT_COMPLETED,
+            )) or ExportCompleted()
             status.update(
-                exportedModel=result.get("openvino"),
-                grid=result.get("grid"),
-                images=result.get("images"),
-                imagePaths=(result.get("image_paths") or [])[:64] or None,
-                secondsPerImage=result.get("seconds_per_image"),
+                exportedModel=result.openvino,
+                exportedFrom=result.source,
+                weights=result.weights,
+                grid=result.grid,
+                images=result.images,
+                imagePaths=result.image_paths[:64] or None,
+                secondsPerImage=result.seconds_per_image,
             )
             for key in [k for k, v in status.items() if v is None]:
                 del status[key]
             set_condition(status, "Exported", True, "Exported", "OpenVINO pipeline saved",
                           run.now)
-            return self._succeed(run, f"exported to {result.get('openvino', 'openvino/')}; "
-                                 f"{result.get('images', 'the')} image(s) rendered")
+            return self._succeed(run, f"exported to {result.openvino or 'openvino/'}; "
+                                 f"{result.images or 'the'} image(s) rendered")
         if current.phase == "Failed":
             log_text = self.kube.log_tail(job.namespace, current.name, 40)
             tail = log_excerpt(log_text)
