@@ -98,3 +98,25 @@ def test_run_explains_a_missing_data_folder(tmp_path):
     assert "spec.data.pvc: claim 'concepts'" in result.stderr
     assert "--volume concepts=DIR or --data DIR" in result.stderr
     assert not (tmp_path / "amxtune-output").exists()
+
+
+def test_run_of_the_lora_example_trains_fuses_exports_and_renders(tmp_path):
+    doc = yaml.safe_load((ROOT / "examples" / "lora.yaml").read_text())
+    doc["spec"]["model"] = {"name": "tiny"}  # plumbing: the random-weight model is enough
+    doc["spec"]["training"].update(maxTrainSteps=4, checkpointingSteps=2,
+                                   conceptSimilarityImages=0)
+    doc["spec"]["export"]["numInferenceSteps"] = 2
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    (tmp_path / "concepts").symlink_to(ROOT / "examples" / "concepts")
+    stdout, stderr = amxtune_run(tmp_path, str(job), "--ranks", "2").communicate(timeout=900)
+    out = tmp_path / "amxtune-output" / "robot-lora"
+    assert (out / "pytorch_lora_weights.safetensors").is_file(), stderr[-3000:]
+    assert (out / "pytorch_lora_weights_kohya.safetensors").is_file()
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    export = [e for e in lines if e.get("event") == "completed" and "openvino" in e]
+    assert export and export[0]["source"] == "lora", stdout[-2000:]
+    assert export[0]["weights"] == str(out / "pytorch_lora_weights.safetensors")
+    assert export[0]["images"] == 4 and (out / "samples" / "grid.png").is_file()
+    metadata = json.loads((out / "openvino" / "amxtune_export.json").read_text())
+    assert metadata["lora_weights"] == export[0]["weights"]
