@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="Also write the results to this JSON file.")
     args = parser.parse_args(argv)
 
-    from amxtune_trainer.export import quiet_libraries, resolve_model
+    from amxtune_trainer.export import quiet_libraries
+    from amxtune_trainer.export_sources import resolve_model
 
     quiet_libraries()
     source = resolve_model(args.model)

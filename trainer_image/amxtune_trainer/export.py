@@ -2,7 +2,8 @@
 
 Source: a full pipeline folder saved by the trainer (OUTPUT/pipeline), or a base model plus a
 learned_embeds.safetensors, whose token(s) are added to the tokenizer and the text encoder
-*before* conversion so that the exported pipeline understands the placeholder token.
+*before* conversion so that the exported pipeline understands the placeholder token, or a base
+model with LoRA adapters fused into its weights (export_sources.py prepares both).
 
 The conversion is optimum-intel's (`OVStableDiffusionPipeline.from_pretrained(export=True)`);
 then the pipeline is reshaped to a static batch size, height, width and images per prompt,
@@ -42,11 +43,17 @@ from pathlib import Path
 from amxtune_api.export import OpenVINOExportOptions, WeightFormat
 from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune_trainer.errors import UserError
+from amxtune_trainer.export_sources import (
+    pipeline_with_embeddings,
+    pipeline_with_lora,
+    resolve_embeddings,
+    resolve_lora,
+    resolve_model,
+    write_slow_tokenizer_files,
+)
 from amxtune_trainer.model_flags import add_model_flags, model_from_args
 
 EXPORT_METADATA = "amxtune_export.json"
-EMBEDDINGS_NAME = EMBEDDINGS_FILE
-LORA_NAME = LORA_FILE
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +73,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--learned-embeds",
         "--learned_embeds",
         dest="learned_embeds",
-        help=f"{EMBEDDINGS_NAME} (or the trainer's output folder holding it) whose token(s) are "
+        help=f"{EMBEDDINGS_FILE} (or the trainer's output folder holding it) whose token(s) are "
         "added to --model before export.",
     )
     parser.add_argument(
@@ -77,7 +84,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--lora-weights",
         "--lora_weights",
         dest="lora_weights",
-        help=f"{LORA_NAME} (or the trainer's output folder holding it): LoRA adapters fused "
+        help=f"{LORA_FILE} (or the trainer's output folder holding it): LoRA adapters fused "
         "into --model before export.",
     )
     parser.add_argument("--revision", help="Hub revision of --model.")
@@ -161,118 +168,6 @@ def quiet_libraries() -> None:
     optimum_logging.set_verbosity_error()
 
 
-# --- model resolution -------------------------------------------------------------------------
-
-
-def resolve_model(name_or_path: str, revision: str | None = None) -> str:
-    """An absolute local Stable Diffusion pipeline folder for a built-in name, folder or hub id.
-
-    Uses the trainer's resolver (amxtune_trainer.models.resolve_model_path: built-ins, folders,
-    hub downloads, one-line errors) when it is there; the fallback handles built-ins and
-    local folders and passes hub ids through. Either way a local folder must be a Stable
-    Diffusion pipeline.
-    """
-    try:
-        from amxtune_trainer.models import resolve_model_path
-    except ImportError:
-        resolve_model_path = _resolve_model_path_fallback
-    resolved = resolve_model_path(name_or_path, revision)
-    path = Path(resolved)
-    if not path.is_dir():
-        return str(resolved)  # a hub id (fallback only): optimum-intel resolves it
-    check_pipeline_folder(path)
-    return str(path.absolute())
-
-
-def _resolve_model_path_fallback(name_or_path: str, revision: str | None = None) -> Path | str:
-    from amxtune_trainer.builtin.models import NAMES, ensure_builtin_model
-
-    if name_or_path in NAMES and not Path(name_or_path).exists():
-        return ensure_builtin_model(name_or_path)
-    path = Path(name_or_path).expanduser()
-    looks_local = (
-        path.exists()
-        or name_or_path.startswith((".", "/", "~"))
-        or name_or_path.count("/") > 1
-        or "\\" in name_or_path
-    )
-    if not looks_local:
-        return name_or_path  # a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5
-    check_pipeline_folder(path)
-    return path
-
-
-def check_pipeline_folder(path: Path) -> dict:
-    """The model_index.json of a Stable Diffusion pipeline folder, or a UserError."""
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    index = path / "model_index.json"
-    if not path.is_dir() or not index.is_file():
-        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    try:
-        config = json.loads(index.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"{index} is not valid JSON: {error}") from None
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in config]
-    if missing:
-        raise UserError(
-            f"{path} is not a Stable Diffusion pipeline "
-            f"(model_index.json lacks {', '.join(missing)})"
-        )
-    return config
-
-
-def resolve_embeddings(path_text: str) -> Path:
-    """learned_embeds.safetensors itself, or the folder that holds it; checked to load."""
-    path = Path(path_text).expanduser().absolute()
-    if path.is_dir():
-        path = path / EMBEDDINGS_NAME
-    if not path.is_file():
-        raise UserError(f"learned embeddings {path} not found")
-    if path.suffix != ".safetensors":
-        raise UserError(f"{path}: expected a .safetensors file of learned embeddings")
-    read_embeddings(path)
-    return path
-
-
-def resolve_lora(path_text: str) -> Path:
-    """pytorch_lora_weights.safetensors itself, or the folder that holds it; checked to hold
-    LoRA weights in diffusers' naming."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path_text).expanduser().absolute()
-    if path.is_dir():
-        path = path / LORA_NAME
-    if not path.is_file():
-        raise UserError(f"LoRA weights {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as weights:
-            keys = list(weights.keys())
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
-    if not any(".lora" in key for key in keys):
-        raise UserError(f"{path} holds no LoRA weights")
-    return path
-
-
-def read_embeddings(path: Path) -> dict:
-    """{token: tensor[n, dim]} from a diffusers-format learned_embeds.safetensors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
-    if not tensors:
-        raise UserError(f"{path} holds no embeddings")
-    for token, tensor in tensors.items():
-        if tensor.ndim not in (1, 2):
-            raise UserError(f"{path}: embedding {token!r} has shape {list(tensor.shape)}, "
-                            "expected [vectors, dim]")
-    return tensors
-
-
 # --- export ----------------------------------------------------------------------------------
 
 
@@ -296,11 +191,11 @@ def export_openvino(
         tokens: list[str] = []
         convert_from = source
         if learned_embeds is not None:
-            convert_from, tokens = _pipeline_with_embeddings(
+            convert_from, tokens = pipeline_with_embeddings(
                 source, learned_embeds, token, revision, staging / "source"
             )
         elif lora_weights is not None:
-            convert_from = _pipeline_with_lora(source, lora_weights, revision,
+            convert_from = pipeline_with_lora(source, lora_weights, revision,
                                                staging / "source")
         target = staging / "openvino"
         changed = convert_from != source
@@ -308,7 +203,7 @@ def export_openvino(
         make_static(pipe, options)
         pipe.save_pretrained(str(target))
         del pipe
-        _write_slow_tokenizer_files(target / "tokenizer")
+        write_slow_tokenizer_files(target / "tokenizer")
         _check_tokens(target / "tokenizer", tokens)
         metadata = {
             "format": "amxtune-openvino-export/v1",
@@ -431,74 +326,6 @@ def weight_bytes(folder: Path) -> dict[str, int]:
         path.parent.name: path.stat().st_size
         for path in sorted(Path(folder).glob("*/openvino_model.bin"))
     }
-
-
-def _load_fp32(source: str, revision: str | None):
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            source, revision=revision, torch_dtype=torch.float32, safety_checker=None,
-            requires_safety_checker=False, local_files_only=Path(source).is_absolute(),
-        )
-    except OSError as error:
-        raise UserError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
-
-
-def _pipeline_with_lora(source: str, weights: Path, revision: str | None, folder: Path) -> str:
-    """Save `source` with the LoRA adapters fused into its weights into `folder`."""
-    from amxtune_trainer.outputs import fuse_lora
-
-    pipe = _load_fp32(source, revision)
-    try:
-        fuse_lora(pipe, weights)
-    except (ValueError, RuntimeError, KeyError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = next((line for line in lines if line.startswith("size mismatch")),
-                      lines[0] if lines else type(error).__name__)
-        raise UserError(f"cannot fuse {weights} into {source} (trained for another base "
-                        f"model?): {detail[:300]}") from None
-    pipe.save_pretrained(str(folder))
-    _write_slow_tokenizer_files(folder / "tokenizer")
-    return str(folder.absolute())
-
-
-def _pipeline_with_embeddings(
-    source: str, embeds: Path, token: str | None, revision: str | None, folder: Path
-) -> tuple[str, list[str]]:
-    """Save `source` with the embedding's token(s) added into `folder`; return it and the tokens."""
-    tensors = read_embeddings(embeds)
-    if token and len(tensors) != 1:
-        raise UserError(f"--token needs a file with one embedding; {embeds} has {len(tensors)}")
-    pipe = _load_fp32(source, revision)
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
-    for name, tensor in tensors.items():
-        if tensor.shape[-1] != dim:
-            raise UserError(
-                f"{embeds}: embedding {name!r} has dimension {tensor.shape[-1]}, but the text "
-                f"encoder of {source} uses {dim}: trained for another base model?"
-            )
-    before = set(pipe.tokenizer.get_vocab())
-    try:
-        pipe.load_textual_inversion(str(embeds), token=token)
-    except ValueError as error:
-        raise UserError(f"cannot add {embeds} to {source}: {error}") from None
-    tokens = sorted(set(pipe.tokenizer.get_vocab()) - before)
-    pipe.save_pretrained(str(folder))
-    _write_slow_tokenizer_files(folder / "tokenizer")
-    return str(folder.absolute()), tokens
-
-
-def _write_slow_tokenizer_files(folder: Path) -> None:
-    """transformers 5 saves only tokenizer.json; older readers also need vocab.json/merges.txt."""
-    from transformers import CLIPTokenizer
-
-    from amxtune_trainer.builtin.models import save_slow_tokenizer_files
-
-    if (folder / "vocab.json").is_file():
-        return
-    save_slow_tokenizer_files(CLIPTokenizer.from_pretrained(str(folder)), folder)
 
 
 def _check_tokens(folder: Path, tokens: list[str]) -> None:

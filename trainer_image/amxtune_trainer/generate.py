@@ -289,7 +289,7 @@ def load_pytorch_pipeline(model: str, learned_embeds: str | None = None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from amxtune_trainer.export import resolve_embeddings, resolve_model
+    from amxtune_trainer.export_sources import resolve_embeddings, resolve_model
 
     source = resolve_model(model)
     try:
