@@ -103,11 +103,18 @@ class Kind:
     description: str = ""
 
 
-def _started(path: str) -> dict[str, str]:
-    """A transition rule: `spec.PATH` may not change once the job has left Pending."""
+def _started(path: str, optional: bool = False) -> dict[str, str]:
+    """A transition rule: `spec.PATH` may not change once the job has left Pending.
+
+    An `optional` path may be absent (a method's section in a job of another method); reading
+    an absent field is an error in CEL, which would refuse every update of the job."""
+    same = f"self.spec.{path} == oldSelf.spec.{path}"
+    if optional:
+        same = (f"(has(self.spec.{path}) == has(oldSelf.spec.{path}) && "
+                f"(!has(self.spec.{path}) || {same}))")
     return {
         "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || "
-        f"oldSelf.status.phase == 'Pending' || self.spec.{path} == oldSelf.spec.{path}",
+        f"oldSelf.status.phase == 'Pending' || {same}",
         "message": f"spec.{path} cannot change once the job has started; create a new job",
         "fieldPath": f".spec.{path}",
         "reason": "FieldValueForbidden",
@@ -143,11 +150,8 @@ KINDS = [
                 "message": "metadata.name must be a DNS label (lowercase letters, digits, '-'; "
                 "no dots): the workers' Service and host names are made from it",
             },
-            *[
-                _started(path)
-                for path in ("method", "model", "data", "textualInversion", "lora", "training",
-                             "workers")
-            ],
+            *[_started(path) for path in ("method", "model", "data", "training", "workers")],
+            *[_started(path, optional=True) for path in ("textualInversion", "lora")],
         ],
     ),
     Kind(

@@ -376,6 +376,31 @@ def test_training_options_cannot_change_once_started(crds, operator, namespace):
     )  # run-control fields stay editable
 
 
+def test_a_running_lora_job_takes_status_and_run_control_edits_but_not_lora_edits(
+        crds, operator, namespace):
+    cp = crds
+    doc = job()
+    doc["spec"]["method"] = "lora"
+    doc["spec"]["lora"] = {"rank": 4, "instancePrompt": "a photo of sks toy"}
+    del doc["spec"]["textualInversion"]
+    submit(cp, namespace, doc)
+    running_workers(cp, namespace, 3)
+    # the operator's status writes after Pending pass the immutability rules
+    cp.wait_for(lambda: status(cp, namespace).get("workers", {}).get("display") == "3/3",
+                what="status written by the operator after the job left Pending")
+
+    def patch(body: str):
+        return cp.kubectl("patch", "ftj", "dicoo", "-n", namespace, "--type=merge", "-p", body)
+
+    patch('{"spec":{"backoffLimit":5}}')
+    with pytest.raises(KubectlError) as info:
+        patch('{"spec":{"lora":{"rank":8}}}')
+    assert "spec.lora cannot change once the job has started" in info.value.stderr
+    with pytest.raises(KubectlError) as info:
+        patch('{"spec":{"textualInversion":{"placeholderToken":"<x>","initializerToken":"y"}}}')
+    assert "spec.textualInversion" in info.value.stderr
+
+
 def test_reapplying_the_same_manifest_shows_no_drift(crds, operator, namespace):
     cp = crds
     doc = job()
