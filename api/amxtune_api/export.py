@@ -77,8 +77,9 @@ class GenerationOptions(ApiModel):
     prompts: list[NonBlank] = Field(
         min_length=1,
         max_length=256,
-        description="Prompts to render; use the learned placeholder token in them, e.g. "
-        "'a photo of <dicoo> on the beach'. Rendered in groups of the batch size.",
+        description="Prompts to render; use the learned placeholder token (or, for LoRA, the "
+        "instance prompt's trigger word) in them, e.g. 'a photo of <dicoo> on the beach'. "
+        "Rendered in groups of the batch size.",
     )
     negative_prompt: str | None = Field(
         default=None, max_length=1000, description="What to steer away from, for every prompt."

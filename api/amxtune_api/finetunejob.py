@@ -324,6 +324,10 @@ class Outputs(ApiModel):
                              "the kohya-named copy lies beside it), relative to the volume.")
     pipeline: str | None = None
     inference_job: str | None = None
+    # Set from the InferenceJob's status; without them in the schema the apiserver pruned
+    # what the operator wrote.
+    openvino: str | None = Field(default=None, description="The exported OpenVINO pipeline.")
+    samples: str | None = Field(default=None, description="The rendered samples' grid.")
 
 
 class TrainerReport(ApiModel):

@@ -17,7 +17,8 @@ from amxtune_api.kube import EnvVar, PvcPath, Resources, Toleration
 class InferenceSource(ApiModel):
     pvc: PvcPath = Field(
         description="The training output folder. Its pipeline/ is exported when present; "
-        "otherwise model plus the learned embeddings in it."
+        "otherwise model plus the learned embeddings in it, or with its LoRA weights fused in "
+        "(lora)."
     )
     model: ModelSource | None = Field(
         default=None, description="Base model, needed when the folder has no pipeline/."

@@ -164,8 +164,10 @@ class TrainingOptions(ApiModel):
     repeats: int = Field(default=100, ge=1, description="How often the images repeat per epoch.")
     use_captions: bool = Field(
         default=False,
-        description="Use NAME.txt beside NAME.jpg as the image's prompt (the placeholder token "
-        "replaces '{}' or is prepended) instead of the prompt templates.",
+        description="Use NAME.txt beside NAME.jpg as the image's prompt. Textual inversion: the "
+        "placeholder token replaces '{}' or is prepended (instead of the prompt templates). "
+        "LoRA: the caption is the whole prompt, '{}' in it is replaced by the instance prompt, "
+        "and an image without a caption (or with an empty one) uses the instance prompt.",
     )
     image_extensions: list[str] = Field(
         default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS),
@@ -206,7 +208,8 @@ class TrainingOptions(ApiModel):
         "checkpoint yet starts from scratch.",
     )
     save_steps: int = Field(
-        default=500, ge=1, description="Also save learned_embeds-steps-N.safetensors every N steps."
+        default=500, ge=1, description="Also save the weights so far every N steps "
+        "(learned_embeds-steps-N.safetensors, or pytorch_lora_weights-steps-N.safetensors)."
     )
     logging_steps: int = Field(default=1, ge=1, description="Emit a progress line every N steps.")
     validation_prompt: str | None = Field(
@@ -223,19 +226,23 @@ class TrainingOptions(ApiModel):
         "measured before and after training and reported in metrics.json. 0 disables it.",
     )
     save_as_full_pipeline: bool = Field(
-        default=False, description="Also save the whole pipeline (fp32) with the new token."
+        default=False, description="Also save the whole pipeline (fp32) with the new token "
+        "added, or with the LoRA adapters fused in."
     )
     concept_similarity_images: int = Field(
         default=0, ge=0, le=64,
-        description="After training, render this many images each of 'a photo of a TOKEN' "
-        "with the initial and with the learned embedding, and of the initializer word alone, "
-        "and score how much they look like the training images (metrics.json "
+        description="After training, render this many images of the concept prompt before and "
+        "after training ('a photo of a TOKEN' with the initial and the learned embedding, and "
+        "the initializer word alone; for LoRA the instance prompt without and with the "
+        "adapters) and score how much they look like the training images (metrics.json "
         "concept_similarity, concept_samples.png). The score is made of toy-world image "
         "statistics: meaningful for the built-in toyworld model, not for photographs. 0 skips "
         "it.",
     )
     save_a1111: bool = Field(
-        default=False, description="Also save an Automatic1111-compatible learned_embeds.pt."
+        default=False, description="Textual inversion: also save an Automatic1111-compatible "
+        "learned_embeds.pt (the single-file learned_embeds_a1111.safetensors is always written). "
+        "LoRA writes its kohya-named file always and ignores this."
     )
 
     @field_validator("resolution")

@@ -151,6 +151,11 @@ def test_finetunejob_survives_a_killed_worker_then_exports_and_renders(control_p
     inference = cp.get("infj", "robot-export", namespace)["status"]
     assert inference["phase"] == "Succeeded"
     assert inference["images"] == 1 and inference["secondsPerImage"] > 0
+    assert inference["exportedFrom"] in ("pipeline", "embeddings")
+    # the job points at the export and the samples (kept by the apiserver's schema)
+    assert final["outputs"]["embeddings"] == "robot/learned_embeds.safetensors"
+    assert final["outputs"]["openvino"] == inference["exportedModel"]
+    assert final["outputs"]["samples"] == inference["grid"]
     # (the local kubelet maps /output to the volume's folder, so paths are local here)
     assert Path(inference["imagePaths"][0]).is_file()
     assert '"event": "progress"' in logs and '"event": "started"' in logs

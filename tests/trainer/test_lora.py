@@ -126,7 +126,8 @@ def test_two_ranks_end_with_the_same_adapters_and_exchange_only_their_gradients(
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, concept_dir):
     common = ["--instance-data-dir", str(concept_dir), "--max-train-steps", "8", "--seed", "11",
               "--checkpointing-steps", "4", "--lr-scheduler", "cosine", "--random-flip",
-              "--train-batch-size", "2", "--resume-from-checkpoint", "latest"]
+              "--train-batch-size", "2", "--resume-from-checkpoint", "latest",
+              "--lora-dropout", "0.2"]  # dropout draws too must repeat after the resume
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert lora_run([*common, "--output-dir", str(whole)]).returncode == 0
     crashed = lora_run([*common, "--output-dir", str(resumed)],
@@ -143,6 +144,27 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, 
                             "pytorch_lora_weights.safetensors"))
     assert any(not torch.equal(halfway[k], got[k]) for k in got)
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from_step"] == 4
+
+
+def test_dropout_acts_in_training_steps_only(tmp_path, tiny_model, concept_dir):
+    from amxtune_trainer import distributed, options
+    from amxtune_trainer.cli import build_parser
+    from amxtune_trainer.recipes.lora import Lora
+
+    torch.set_num_threads(1)
+    args = build_parser("lora").parse_args([
+        "lora", *LORA_ARGS, "--instance-data-dir", str(concept_dir), "--output-dir",
+        str(tmp_path / "out"), "--lora-dropout", "0.5", "--seed", "2", "--eval-samples", "4",
+    ])
+    trainer = Lora(options.config_from_args(args, "lora"), distributed.DistInfo())
+    trainer.prepare()
+    assert trainer.dropouts and not any(m.training for m in trainer.dropouts)
+    trainer.train_step(1)  # gives the up-projections weights, so dropout would show
+    assert not any(m.training for m in trainer.dropouts)
+    assert trainer.eval_loss() == trainer.eval_loss()  # no dropout in the evaluation
+    trainer.set_training(True)
+    assert trainer.eval_loss() != trainer.eval_loss()  # (the check above can fail)
+    trainer.set_training(False)
 
 
 @pytest.mark.parametrize("extra, expected", [

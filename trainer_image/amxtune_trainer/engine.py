@@ -103,6 +103,10 @@ class Trainer:
     def render_prompt(self, prompt: str) -> str:
         return prompt
 
+    def set_training(self, on: bool) -> None:
+        """Modules that behave differently while training (LoRA's dropout): on only inside
+        train_step, so the evaluation loss and the rendered images see none of it."""
+
     def method_metrics(self) -> dict:
         return {}
 
@@ -309,10 +313,17 @@ class Trainer:
         accum = self.opt.gradient_accumulation_steps
         self.optimizer.zero_grad(set_to_none=False)
         local = 0.0
-        for micro in range(accum):
-            loss = self.loss(self.make_batch(step, micro))
-            (loss / accum).backward()
-            local += float(loss.detach()) / accum
+        self.set_training(True)
+        try:
+            for micro in range(accum):
+                # draws inside the networks (dropout) are keyed like the batch's, so a
+                # resumed run repeats them exactly
+                torch.manual_seed(seed_for(self.seed, "networks", step, micro, self.info.rank))
+                loss = self.loss(self.make_batch(step, micro))
+                (loss / accum).backward()
+                local += float(loss.detach()) / accum
+        finally:
+            self.set_training(False)
         grads = []
         for parameter in self.parameters:
             if parameter.grad is None:  # the graph never reached it (zero gradient)

@@ -63,7 +63,7 @@ class Lora(Trainer):
     def check_concept(self, concept) -> None:
         if self.lora.instance_prompt is None:
             missing = [f.name for f, c in zip(concept.files, concept.captions, strict=True)
-                       if c is None]
+                       if not (c or "").strip()]
             if missing:
                 raise UserError(
                     "lora.instance_prompt: give an instance prompt (e.g. 'a photo of sks toy'), "
@@ -72,6 +72,9 @@ class Lora(Trainer):
                 )
 
     def check_model(self, components):
+        if self.rt.accelerator == "ipex":
+            raise UserError("accelerator 'ipex' does not take LoRA adapters (its prepacked "
+                            "layers replace the ones peft wraps); use accelerator 'none'")
         _check_rank(components.unet, self.targets, self.lora.rank, "UNet")
         if self.lora.train_text_encoder:
             _check_rank(components.text_encoder, TEXT_ENCODER_TARGETS, self.lora.rank,
@@ -110,16 +113,24 @@ class Lora(Trainer):
                       if parameter.requires_grad}
         for parameter in self.named.values():
             parameter.data = parameter.data.float()  # adapters train in fp32
+        # peft adds its dropout modules in training mode into networks that are in eval mode
+        self.dropouts = [module for network in self.networks.values()
+                         for name, module in network.named_modules()
+                         if ".lora_dropout." in f".{name}."]
+        self.set_training(False)
         if state is not None:
             for name, value in state["lora"].items():
                 self.named[name].data.copy_(value)
         return list(self.named.values())
 
     def _prompt(self, caption: str | None) -> str:
+        """The caption is the whole prompt (as kohya's and diffusers' captioned LoRA training
+        use it); '{}' in it stands for the instance prompt, which also stands in for a missing
+        or empty caption."""
         instance = self.lora.instance_prompt or ""
-        if caption is None:
+        caption = " ".join((caption or "").split())
+        if not caption:
             return instance
-        caption = " ".join(caption.split())
         return caption.replace("{}", instance) if "{}" in caption else caption
 
     def train_prompts(self, indices: list[int], rng: random.Random) -> list[str]:
@@ -131,6 +142,10 @@ class Lora(Trainer):
     def method_state(self) -> dict:
         return {"lora": {name: p.detach().clone() for name, p in self.named.items()},
                 "lora_settings": self._settings()}
+
+    def set_training(self, on: bool) -> None:
+        for module in self.dropouts:
+            module.train(on)
 
     def _peft_layers(self) -> dict:
         from peft.utils import get_peft_model_state_dict
