@@ -7,6 +7,12 @@ PY := $(VENV)/bin/python
 # (editable installs point at this checkout).
 INSTALL_KEY := $(shell cat requirements/*.txt api/pyproject.toml operator/pyproject.toml trainer_image/pyproject.toml | { cat; echo "$(CURDIR)"; } | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.amxtune-$(INSTALL_KEY)
+# An editable install made from another checkout since (a second clone, CI) re-points the
+# venv's packages there: then the stamp is not to be trusted.
+EDITABLE_HERE := $(shell test -x $(PY) && $(PY) -c "import amxtune, amxtune_api, amxtune_trainer as t; print(all(m.__file__.startswith('$(CURDIR)/') for m in (amxtune, amxtune_api, t)))" 2>/dev/null)
+ifneq ($(EDITABLE_HERE),True)
+$(shell rm -f $(STAMP))
+endif
 
 .PHONY: install demo test lint crds
 

@@ -133,6 +133,11 @@ class LoraOptions(ApiModel):
         default=False,
         description="Also put adapters on the text encoder's attention projections.",
     )
+    initial_weights: str | None = Field(
+        default=None, min_length=1, max_length=1024,
+        description="A pytorch_lora_weights.safetensors (or the folder holding it) to start "
+        "from instead of fresh adapters; its rank and layers must match these options.",
+    )
     instance_prompt: NonBlank | None = Field(
         default=None,
         description="Prompt of every training image, DreamBooth style ('a photo of sks toy'); "

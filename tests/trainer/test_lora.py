@@ -146,6 +146,38 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model, 
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from_step"] == 4
 
 
+def test_training_starts_from_initial_weights_that_fit_and_refuses_others(
+        lora_trained, tmp_path, concept_dir, capsys):
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from amxtune_trainer import distributed, options
+    from amxtune_trainer.cli import build_parser, main
+    from amxtune_trainer.recipes.lora import Lora
+
+    weights = lora_trained["out"] / "pytorch_lora_weights.safetensors"
+    argv = ["lora", *LORA_ARGS, "--instance-data-dir", str(concept_dir), "--output-dir",
+            str(tmp_path / "out"), "--initial-weights", str(weights.parent)]
+    trainer = Lora(options.config_from_args(
+        build_parser("lora").parse_args([*argv, "--train-text-encoder"]), "lora"),
+        distributed.DistInfo())
+    trainer.prepare()
+    saved = convert_unet_state_dict_to_peft(
+        {k[5:]: v for k, v in load_file(str(weights)).items() if k.startswith("unet.")})
+    loaded = {k[len("unet."):].replace(".default.", "."): v for k, v in trainer.named.items()
+              if k.startswith("unet.")}
+    assert saved.keys() == loaded.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key].detach(), value)
+    # without the text encoder's adapters, or with another rank, the file does not fit
+    for extra in ([], ["--train-text-encoder", "--rank", "2"]):
+        out = tmp_path / f"refused-{len(extra)}"
+        assert main([*argv[:-4], "--output-dir", str(out), "--initial-weights",
+                     str(weights), *extra]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "lora.initial_weights" in line and "does not match" in line, line
+        assert not out.exists()
+
+
 def test_dropout_acts_in_training_steps_only(tmp_path, tiny_model, concept_dir):
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser

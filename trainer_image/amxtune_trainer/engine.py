@@ -11,7 +11,8 @@ How a step is made cheap (see docs/performance.md):
   the UNet's convolution weights packed once for oneDNN (fastconv.py);
 - ranks all-reduce only the trainable gradients (and the loss) once per optimizer step.
 
-A recipe implements the hooks below `# recipe hooks`; everything else is shared.
+A recipe implements the hooks below `# recipe hooks`; everything else is shared. The parts and
+what each may import: docs/architecture.md.
 """
 
 from __future__ import annotations

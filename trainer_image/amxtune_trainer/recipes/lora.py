@@ -38,6 +38,51 @@ def _targeted_linears(model, suffixes: list[str]) -> list[tuple[str, object]]:
             and any(name == s or name.endswith("." + s) for s in suffixes)]
 
 
+def _expected_shapes(model, suffixes: list[str], rank: int) -> dict[str, tuple[int, int]]:
+    """peft's key -> shape of the adapter matrices for every targeted layer."""
+    shapes = {}
+    for name, module in _targeted_linears(model, suffixes):
+        shapes[f"{name}.lora_A.weight"] = (rank, module.in_features)
+        shapes[f"{name}.lora_B.weight"] = (module.out_features, rank)
+    return shapes
+
+
+def read_initial_weights(path_text: str, expected: dict[str, dict]) -> dict[str, dict]:
+    """The adapters of a diffusers-format LoRA file, per network in peft's naming, checked
+    against the layers and rank these options would create (UserError otherwise)."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from amxtune_trainer.outputs import LORA_FILE
+
+    path = Path(path_text).expanduser()
+    if path.is_dir():
+        path = path / LORA_FILE
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"lora.initial_weights: cannot read {path}: {error}") from None
+    found = {}
+    for network, convert in (("unet", convert_unet_state_dict_to_peft),
+                             ("text_encoder", convert_state_dict_to_peft)):
+        part = {k[len(network) + 1:]: v for k, v in tensors.items()
+                if k.startswith(network + ".")}
+        if part:
+            found[network] = convert(part)
+    for network in set(found) | set(expected):
+        have = {k: tuple(v.shape) for k, v in found.get(network, {}).items()}
+        want = expected.get(network, {})
+        if have != want:
+            odd = sorted(set(have) ^ set(want)) or sorted(k for k in have if have[k] != want[k])
+            raise UserError(
+                f"lora.initial_weights: {path} does not match these LoRA options on this "
+                f"model ({network}: {len(have)} tensors, expected {len(want)}; first "
+                f"difference {odd[0]}: {have.get(odd[0])} vs {want.get(odd[0])})"
+            )
+    return found
+
+
 def _check_rank(model, suffixes: list[str], rank: int, where: str) -> None:
     found = _targeted_linears(model, suffixes)
     if not found:
@@ -76,9 +121,14 @@ class Lora(Trainer):
             raise UserError("accelerator 'ipex' does not take LoRA adapters (its prepacked "
                             "layers replace the ones peft wraps); use accelerator 'none'")
         _check_rank(components.unet, self.targets, self.lora.rank, "UNet")
+        expected = {"unet": _expected_shapes(components.unet, self.targets, self.lora.rank)}
         if self.lora.train_text_encoder:
             _check_rank(components.text_encoder, TEXT_ENCODER_TARGETS, self.lora.rank,
                         "text encoder")
+            expected["text_encoder"] = _expected_shapes(components.text_encoder,
+                                                        TEXT_ENCODER_TARGETS, self.lora.rank)
+        if self.lora.initial_weights:
+            return read_initial_weights(self.lora.initial_weights, expected)
         return None
 
     def _settings(self) -> dict:
@@ -121,6 +171,11 @@ class Lora(Trainer):
         if state is not None:
             for name, value in state["lora"].items():
                 self.named[name].data.copy_(value)
+        elif checked:  # lora.initial_weights, checked to fit
+            from peft import set_peft_model_state_dict
+
+            for key, layers in checked.items():
+                set_peft_model_state_dict(self.networks[key], layers)
         return list(self.named.values())
 
     def _prompt(self, caption: str | None) -> str:
