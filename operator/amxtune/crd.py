@@ -151,7 +151,10 @@ KINDS = [
                 "no dots): the workers' Service and host names are made from it",
             },
             *[_started(path) for path in ("method", "model", "data", "training", "workers")],
-            *[_started(path, optional=True) for path in ("textualInversion", "lora")],
+            # output, runtime and export too: a retry re-renders the pods from the spec while
+            # trainer.json keeps the first attempt's paths, and the InferenceJob follows them
+            *[_started(path, optional=True)
+              for path in ("textualInversion", "lora", "output", "runtime", "export")],
         ],
     ),
     Kind(

@@ -364,6 +364,14 @@ def test_training_options_cannot_change_once_started(crds, operator, namespace):
             '{"spec":{"training":{"maxTrainSteps":999}}}',
         )
     assert "spec.training cannot change once the job has started" in info.value.stderr
+    # nor where the results go, how the pods run, or what the export renders: a retry would
+    # mount the new claim while trainer.json still names the old path
+    for body, path in (('{"spec":{"output":{"path":"elsewhere"}}}', "output"),
+                       ('{"spec":{"runtime":{"masterPort":29600}}}', "runtime"),
+                       ('{"spec":{"export":{"prompts":["a new prompt"]}}}', "export")):
+        with pytest.raises(KubectlError) as info:
+            cp.kubectl("patch", "ftj", "dicoo", "-n", namespace, "--type=merge", "-p", body)
+        assert f"spec.{path} cannot change once the job has started" in info.value.stderr
     cp.kubectl(
         "patch",
         "ftj",
