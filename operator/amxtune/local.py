@@ -26,7 +26,12 @@ from amxtune import manifest
 from amxtune.render import JobIdentity, rank_environment, trainer_config
 from amxtune.render.finetunejob import LOGS_DIR, TRAINER_COMMAND
 from amxtune.settings import Settings
-from amxtune_api.events import EVENT_COMPLETED, TrainingProgress, TrainingStarted
+from amxtune_api.events import (
+    ExportCompleted,
+    TrainingCompleted,
+    TrainingProgress,
+    TrainingStarted,
+)
 from amxtune_api.finetunejob import LORA_FILE, FineTuneJobSpec, Method, ModelSource
 from amxtune_api.inferencejob import InferenceTask
 from amxtune_api.kube import PvcPath
@@ -224,8 +229,8 @@ def _run(command: list[str], env: dict[str, str], bar: ProgressBar | None) -> in
                     record = None
             progress, started = TrainingProgress.read(record), TrainingStarted.read(record)
             # the training's and the export's completed lines both may carry similarities
-            scores = (record.get("concept_similarity") if isinstance(record, dict)
-                      and record.get("event") == EVENT_COMPLETED else None)
+            completed = TrainingCompleted.read(record) or ExportCompleted.read(record)
+            scores = completed.concept_similarity if completed is not None else None
             if bar is not None and progress is not None:
                 bar.update(progress)
             elif started is not None:

@@ -51,18 +51,15 @@ def read_initial_weights(path_text: str, expected: dict[str, dict]) -> dict[str,
     """The adapters of a diffusers-format LoRA file, per network in peft's naming, checked
     against the layers and rank these options would create (UserError otherwise)."""
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from amxtune_trainer.outputs import LORA_FILE
+    from amxtune_trainer.export_sources import resolve_lora
 
-    path = Path(path_text).expanduser()
-    if path.is_dir():
-        path = path / LORA_FILE
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise UserError(f"lora.initial_weights: cannot read {path}: {error}") from None
+        path = resolve_lora(path_text)  # the file or its folder, readable, with LoRA keys
+    except UserError as error:
+        raise UserError(f"lora.initial_weights: {error}") from None
+    tensors = load_file(str(path))
     found = {}
     for network, convert in (("unet", convert_unet_state_dict_to_peft),
                              ("text_encoder", convert_state_dict_to_peft)):
