@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export_generate import MAX_ABS_TOLERANCE, MEAN_ABS_TOLERANCE, SIZE, _latents, _shape
+from test_export_generate import MEAN_ABS_TOLERANCE, SIZE, _latents, _shape
 
 from amxtune_api.export import GenerationOptions
 
 pytestmark = pytest.mark.openvino
-# Fused weights are rounded differently by OpenVINO's and PyTorch's fp32 kernels than plain ones:
-# measured max 1.2e-4 on an AMX Xeon (plain exports stay under test_export_generate's 1e-4).
-FUSED_MAX_ABS = 3 * MAX_ABS_TOLERANCE
+# Fused adapters are rounded differently by OpenVINO's and PyTorch's fp32 kernels, more than the
+# plain weights (measured on an AMX Xeon with unseeded adapters: max 3e-5 to 1.3e-4, mean 3e-6
+# to 1.2e-5, against adapter effects of max 0.40 to 0.56, mean 0.050 to 0.062), so the bound is
+# relative to what the adapters change: the export reproduces their effect to 0.1 %.
+RELATIVE_TOLERANCE = 1e-3
 
 
 def _lora_file(model_path: Path, folder: Path) -> Path:
@@ -30,6 +32,7 @@ def _lora_file(model_path: Path, folder: Path) -> Path:
     unet = UNet2DConditionModel.from_pretrained(str(model_path), subfolder="unet")
     config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                         target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(3)  # peft draws lora_A from the global generator
     unet.add_adapter(config)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -78,10 +81,13 @@ def test_the_fused_export_renders_what_pytorch_renders_with_the_adapters(ov_lora
     fuse_lora(plain, lora_weights)
     with_adapters = images(plain, "pytorch")
     difference = np.abs(ov - with_adapters)
+    effect = np.abs(with_adapters - without)
     print(f"OpenVINO vs PyTorch, fused LoRA: max {difference.max():.2e}, "
-          f"mean {difference.mean():.2e}")
-    assert difference.max() < FUSED_MAX_ABS and difference.mean() < MEAN_ABS_TOLERANCE
-    assert np.abs(with_adapters - without).mean() > 10 * MEAN_ABS_TOLERANCE  # it did something
+          f"mean {difference.mean():.2e}; the adapters' effect: max {effect.max():.2e}, "
+          f"mean {effect.mean():.2e}")
+    assert effect.mean() > 1000 * MEAN_ABS_TOLERANCE  # the adapters do change the images
+    assert difference.max() < RELATIVE_TOLERANCE * effect.max()
+    assert difference.mean() < RELATIVE_TOLERANCE * effect.mean()
 
 
 def test_adapters_of_another_base_model_are_refused_and_nothing_is_written(tmp_path, capsys):
