@@ -362,6 +362,16 @@ class FineTuneJobStatus(ApiModel):
         default_factory=list,
         description="Nodes labelled AMX whose CPU had none (NodeLacksAmx); not used again.",
     )
+    disruptions: int = Field(
+        default=0,
+        description="Times a worker was lost (its pod deleted, evicted or preempted) and all "
+        "workers restarted from the latest checkpoint; not counted against backoffLimit.",
+    )
+    pods_created_for_attempt: int | None = Field(
+        default=None,
+        description="The attempt whose worker pods were all created: a pod of it that goes "
+        "missing after that was lost.",
+    )
     start_time: str | None = None
     completion_time: str | None = None
     outputs: Outputs | None = None

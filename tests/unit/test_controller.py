@@ -90,7 +90,21 @@ class FakeKube:
         self.objects.pop((kind, namespace, name), None)
 
     def patch_status(self, kind, namespace, name, status):
-        self.objects[(kind, namespace, name)]["status"] = copy.deepcopy(status)
+        """A JSON merge patch (RFC 7386), as the apiserver applies it: keys it does not name
+        stay, null removes."""
+
+        def merge(target, patch):
+            for key, value in patch.items():
+                if value is None:
+                    target.pop(key, None)
+                elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                    merge(target[key], value)
+                else:
+                    target[key] = copy.deepcopy(value)
+            return target
+
+        body = self.objects[(kind, namespace, name)]
+        body["status"] = merge(body.get("status") or {}, status)
 
     def event(self, obj, type_, reason, message):
         self.events.append((obj["metadata"]["name"], type_, reason, message))
@@ -272,6 +286,7 @@ def test_a_failed_worker_restarts_all_then_fails_after_backoff_limit(world):
     assert status["phase"] == "Failed"
     stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "BackoffLimitExceeded"
+    ftj.reconcile("ns", "dicoo")  # the status first, then the others stop
     assert kube.pods() == [p for p in kube.pods() if p["status"]["phase"] == "Failed"]
 
 
@@ -566,15 +581,23 @@ def test_active_deadline_fails_the_job(world):
     assert kube.pods() == []
 
 
+def _operator(kube, now, wall=None, **settings):
+    from amxtune.controller.main import Operator
+
+    settings = Settings(**{"progress_interval_seconds": 5, "hub_endpoint": shared_hub().url,
+                           **settings})
+    return Operator(kube, settings, None, clock=lambda: now[0],
+                    wall_clock=(lambda: wall[0]) if wall else (lambda: now[0]))
+
+
 def test_a_job_that_keeps_failing_to_reconcile_is_retried_with_exponential_backoff(world):
-    from amxtune.controller.main import BACKOFF_CAP_SECONDS, Operator
+    from amxtune.controller.main import BACKOFF_CAP_SECONDS
 
     kube, _clock, _, _ = world
-    kube.put(example())
+    body = kube.put(example())
     now = [0.0]
-    operator = Operator(kube, Settings(progress_interval_seconds=5,
-                                       hub_endpoint=shared_hub().url), None,
-                        clock=lambda: now[0])
+    operator = _operator(kube, now)
+    operator.observe("FineTuneJob", body)  # the watch's first event
     calls = []
     original = kube.list_pods
 
@@ -583,19 +606,144 @@ def test_a_job_that_keeps_failing_to_reconcile_is_retried_with_exponential_backo
         raise RuntimeError("apiserver unavailable")
 
     kube.list_pods = broken
-    for second in range(0, 80):  # a resync pass every 5 s for 80 s
+    operator.drain()
+    for second in range(1, 80):  # a resync pass every 5 s for 80 s
         now[0] = float(second)
         if second % 5 == 0:
             operator.resync_once()
+            operator.drain()
     # tried at 0, then after 5, 10, 20, 40 s: not on every pass
     assert calls == [0.0, 5.0, 15.0, 35.0, 75.0]
-    operator.reconcile("FineTuneJob", "ns", "dicoo")  # a watch event retries at once
+    operator.enqueue("FineTuneJob", "ns", "dicoo")  # a watch event retries at once
+    operator.drain()
     assert len(calls) == 6
     assert operator._failures[("FineTuneJob", "ns", "dicoo")][0] == 6
-    operator.reconcile("FineTuneJob", "ns", "dicoo")  # the 7th failure: 5 * 2**6 > the cap
+    operator.enqueue("FineTuneJob", "ns", "dicoo")  # the 7th failure: 5 * 2**6 > the cap
+    operator.drain()
     assert operator._failures[("FineTuneJob", "ns", "dicoo")][1] == now[0] + BACKOFF_CAP_SECONDS
     kube.list_pods = original
     now[0] = 1000.0
     operator.resync_once()
+    operator.drain()
     assert ("FineTuneJob", "ns", "dicoo") not in operator._failures  # healed: backoff reset
     assert kube.status()["phase"] == "Running"
+
+
+def test_many_events_of_one_job_make_one_pass_and_the_period_grows_with_running_jobs(world):
+    kube = world[0]
+    now = [0.0]
+    operator = _operator(kube, now, periodic_reconciles_per_second=2)
+    passes = []
+    reconcile = operator.controllers["FineTuneJob"].reconcile
+    operator.controllers["FineTuneJob"].reconcile = lambda ns, name: (
+        passes.append(name), reconcile(ns, name))
+    bodies = [kube.put(example() | {"metadata": {"name": f"job-{i}", "namespace": "ns"}})
+              for i in range(40)]
+    for body in bodies:
+        operator.observe("FineTuneJob", body)
+        for _ in range(5):  # its pods' events
+            operator.enqueue("FineTuneJob", "ns", body["metadata"]["name"])
+    operator.drain()
+    assert sorted(passes) == sorted(b["metadata"]["name"] for b in bodies)  # one pass each
+    for body in bodies:  # the watch reports them Running
+        operator.observe("FineTuneJob", kube.get_job("FineTuneJob", "ns", body["metadata"]["name"]))
+    operator.drain()
+    passes.clear()
+    # 40 running jobs at 2 periodic passes/s: each job every 20 s, not every 5 s
+    for second in range(5, 205, 5):
+        now[0] = float(second)
+        operator.resync_once()
+        operator.drain()
+    assert operator.period == 20.0
+    assert len(passes) == 40 * 200 // 20
+    assert all(passes.count(b["metadata"]["name"]) == 10 for b in bodies)
+
+
+def test_a_job_past_its_deadline_is_queued_at_once_whatever_the_period(world):
+    kube, clock = world[0], world[1]
+    now, wall = [0.0], [clock.now.timestamp()]
+    operator = _operator(kube, now, wall, periodic_reconciles_per_second=0.01)
+    operator.controllers["FineTuneJob"].clock = clock
+    body = kube.put(example(activeDeadlineSeconds=30))
+    operator.observe("FineTuneJob", body)
+    operator.drain()
+    operator.observe("FineTuneJob", kube.get_job("FineTuneJob", "ns", "dicoo"))
+    operator.drain()
+    now[0] += 1
+    operator.resync_once()
+    assert operator.period == 100 and len(operator.queue) == 0
+    clock.advance(31)
+    wall[0] += 31
+    now[0] += 1  # the periodic pass is still 3 s away
+    operator.resync_once()
+    operator.drain()
+    assert kube.status()["phase"] == "Failed"
+    assert kube.status()["message"].startswith("the job ran longer")
+
+
+def test_per_job_gauges_follow_the_running_jobs_progress():
+    from amxtune.controller import metrics
+
+    body = {"metadata": {"name": "gauged", "namespace": "ns"},
+            "status": {"phase": "Running",
+                       "progress": {"step": 40, "maxSteps": 200, "loss": 0.25,
+                                    "samplesPerSecond": 3.5}}}
+    metrics.observe_job("FineTuneJob", body)
+    assert metrics.JOB_STEP.labels("ns", "gauged")._value.get() == 40
+    assert metrics.JOB_SAMPLES_PER_SECOND.labels("ns", "gauged")._value.get() == 3.5
+    metrics.observe_job("FineTuneJob", body | {"status": {"phase": "Succeeded"}})
+    jobs = {s.labels.get("finetunejob") for m in metrics.JOB_LOSS.collect() for s in m.samples}
+    assert "gauged" not in jobs
+
+
+def test_a_key_queued_while_it_is_processed_is_processed_once_more_after():
+    from amxtune.controller.workqueue import WorkQueue
+
+    queue = WorkQueue()
+    queue.add("a")
+    assert queue.get(timeout=0) == "a"
+    queue.add("a")  # an event while a worker reconciles "a": not given to a second worker
+    queue.add("a")
+    assert queue.get(timeout=0) is None
+    queue.done("a")
+    assert queue.get(timeout=0) == "a" and len(queue) == 0
+
+
+@pytest.mark.parametrize("how", ["deleted", "evicted"])
+def test_a_lost_worker_restarts_the_group_without_spending_the_backoff_limit(world, how):
+    kube, _clock, ftj, _ = world
+    kube.put(example(backoffLimit=0))
+    ftj.reconcile("ns", "dicoo")
+    for pod in kube.pods():
+        kube.set_pod(pod["metadata"]["name"], "Running")
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["podsCreatedForAttempt"] == 0
+    if how == "deleted":
+        kube.delete("Pod", "ns", "dicoo-worker-1")
+    else:  # what the kubelet or the eviction API leaves
+        pod = kube.objects[("Pod", "ns", "dicoo-worker-1")]
+        pod["status"] = {"phase": "Failed", "reason": "Evicted",
+                         "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert (status["phase"], status["attempt"], status["restarts"], status["disruptions"]) == (
+        "Running", 1, 0, 1)
+    assert "WorkersLost" in kube.reasons() and "Failed" not in kube.reasons()
+    assert ("Pod", "ns", "dicoo-worker-0") in kube.objects  # the new attempt is written first
+    ftj.reconcile("ns", "dicoo")
+    assert ("Pod", "ns", "dicoo-worker-0") not in kube.objects  # then the others stop
+    ftj.reconcile("ns", "dicoo")
+    assert {p["metadata"]["labels"][names.ATTEMPT_LABEL] for p in kube.pods()} == {"1"}
+    assert len(kube.pods()) == 2
+
+
+def test_suspending_and_resuming_loses_no_worker(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = True
+    ftj.reconcile("ns", "dicoo")
+    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = False
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status().get("disruptions", 0) == 0 and kube.status()["attempt"] == 0
+    assert len(kube.pods()) == 2

@@ -64,8 +64,12 @@ class Reconciler:
 
     def _commit(self, run: Pass) -> None:
         meta = run.body["metadata"]
-        if run.status != (run.body.get("status") or {}):
-            self.kube.patch_status(self.kind, meta["namespace"], meta["name"], run.status)
+        before = run.body.get("status") or {}
+        if run.status != before:
+            # a merge patch keeps keys it does not name: name the dropped ones as null
+            dropped = {key: None for key in before if key not in run.status}
+            self.kube.patch_status(self.kind, meta["namespace"], meta["name"],
+                                   {**run.status, **dropped})
         for type_, reason, message in run.events:
             log.info("%s/%s %s: %s", meta["namespace"], meta["name"], reason, message)
             self.kube.event(run.body, type_, reason, message)

@@ -46,6 +46,7 @@ from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 
 log = logging.getLogger("amxtune.finetunejob")
 KIND = "FineTuneJob"
+LOG_HEAD_BYTES = 65536  # rank 0's "started" line comes within its first lines
 
 
 def trainer_input_error(log_text: str) -> str | None:
@@ -181,9 +182,13 @@ class FineTuneJobController(Reconciler):
         leader = current.get(0)
         if leader is not None and leader.phase == "Succeeded":
             return self._trained(run, job, spec, leader)
-        failed = sorted((p for p in current.values() if p.phase == "Failed"), key=lambda p: p.rank)
+        lost = self._lost_workers(status, spec, current)
+        failed = sorted((p for p in current.values() if p.phase == "Failed" and not p.disrupted),
+                        key=lambda p: p.rank)
+        if lost:  # the others stop or fail because of it: not a failure of the job
+            return self._workers_lost(run, lost)
         if failed:
-            return self._worker_failed(run, job, spec, failed[0], list(current.values()))
+            return self._worker_failed(run, job, spec, failed[0])
         if stale:
             self._waiting(run, "Restarting", "waiting for the previous workers to stop")
             return None
@@ -196,6 +201,8 @@ class FineTuneJobController(Reconciler):
             run.event("Normal", "WorkersCreated",
                       f"created {len(created)} worker pod(s) for attempt {attempt}: "
                       f"{spec.workers.nodes} x {spec.workers.ranks_per_node} ranks")
+        if len(current) + len(created) == len(objects.pods):
+            status["podsCreatedForAttempt"] = attempt
         self._observe_workers(run, job, spec, list(current.values()))
         self._read_progress(run, job, leader, spec)
 
@@ -244,17 +251,20 @@ class FineTuneJobController(Reconciler):
         if leader is None or leader.phase != "Running":
             return
         attempt = current_attempt(run.status)
+        whole_log = None  # while the log is short, one read serves both lines
         if (run.status.get("trainer") or {}).get("attempt") != attempt:
-            started = TrainingStarted.read(last_json_line(
-                self.kube.log_head(job.namespace, leader.name), EVENT_STARTED))
+            head = self.kube.log_head(job.namespace, leader.name, LOG_HEAD_BYTES)
+            whole_log = head if len(head.encode()) < LOG_HEAD_BYTES else None
+            started = TrainingStarted.read(last_json_line(head, EVENT_STARTED))
             if started is not None:
                 self._set_trainer_report(run, started, attempt, leader)
         progress = run.status.get("progress") or {}
         last = parse_time(progress.get("updated"))
         if last and (run.now - last).total_seconds() < self.settings.progress_interval_seconds:
             return
-        record = TrainingProgress.read(last_json_line(
-            self.kube.log_tail(job.namespace, leader.name, 50), EVENT_PROGRESS))
+        text = whole_log if whole_log is not None else self.kube.log_tail(
+            job.namespace, leader.name, 50)
+        record = TrainingProgress.read(last_json_line(text, EVENT_PROGRESS))
         if record is None:
             return
         self._set_progress(run, record)
@@ -343,7 +353,6 @@ class FineTuneJobController(Reconciler):
 
     def _worker_failed(
         self, run: Pass, job: JobIdentity, spec: FineTuneJobSpec, pod: PodView,
-        current: list[PodView],
     ) -> None:
         status = run.status
         attempt = current_attempt(status)
@@ -356,9 +365,9 @@ class FineTuneJobController(Reconciler):
             tail = log_excerpt(log_text)
             run.event("Warning", "WorkerFailed",
                       what + (f"; last log lines:\n{tail}" if tail else ""))
-        for other in current:
-            if not other.finished and not other.deleting:
-                self.kube.delete("Pod", job.namespace, other.name)
+        # The others stop in the next pass, as stale pods of the old attempt: the new attempt
+        # is recorded first, so an operator killed in between cannot count this failure twice
+        # nor take the stopping pods for lost ones.
         rejected = trainer_input_error(log_text)
         if rejected:  # bad input fails the same way on every attempt: do not restart
             self._fail(run, "InvalidInput", f"{what}: {rejected}")
@@ -395,8 +404,35 @@ class FineTuneJobController(Reconciler):
             f"{what}; gave up after {restarts} restart(s) (backoffLimit {spec.backoff_limit})",
         )
 
+    @staticmethod
+    def _lost_workers(status: dict, spec: FineTuneJobSpec,
+                      current: dict[int, PodView]) -> list[str]:
+        """Workers of this attempt that are gone or going though none of them failed: deleted,
+        evicted, preempted (a missing pod counts once all of the attempt's pods existed)."""
+        going = [pod.name for pod in current.values()
+                 if pod.disrupted or (pod.deleting and not pod.finished)]
+        if status.get("podsCreatedForAttempt") != current_attempt(status):
+            return going
+        return [f"rank {rank}" for rank in range(spec.workers.nodes)
+                if rank not in current] + going
+
+    def _workers_lost(self, run: Pass, lost: list[str]) -> None:
+        """The group cannot go on without a rank: restart it from the latest checkpoint (the
+        lost rank saved one on SIGTERM when it could), not counted against backoffLimit."""
+        status = run.status  # the others stop in the next pass, as stale pods
+        status["attempt"] = current_attempt(status) + 1
+        status["disruptions"] = status.get("disruptions", 0) + 1
+        status.pop("podsCreatedForAttempt", None)
+        message = (f"worker {', '.join(lost)} lost (pod deleted, evicted or preempted); "
+                   "restarting all workers from the latest checkpoint (not counted against "
+                   "backoffLimit)")
+        run.event("Warning", "WorkersLost", message)
+        set_condition(status, "WorkersReady", False, "WorkersLost", message, run.now)
+        apply_kstatus(status, "WorkersLost", message, run.now)
+
     def _suspend(self, run: Pass, job: JobIdentity) -> None:
         self._stop_workers(job)
+        run.status.pop("podsCreatedForAttempt", None)  # resuming recreates them: not lost
         if run.status.get("phase") != Phase.Suspended:
             run.status["phase"] = Phase.Suspended
             run.event("Normal", "Suspended", "workers deleted; set suspend: false to resume")

@@ -16,6 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from amxtune import names
+from amxtune.controller import metrics
 
 log = logging.getLogger("amxtune.kube")
 
@@ -91,7 +92,12 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api_client.call_api(*request, _request_timeout=timeout)
+        try:
+            response = self.api_client.call_api(*request, _request_timeout=timeout)
+        except Exception:
+            metrics.API_REQUESTS.labels(method, "error").inc()
+            raise
+        metrics.API_REQUESTS.labels(method, str(response.status)).inc()
         data = response.read()
         if not 200 <= response.status < 300:
             raise ApiException(status=response.status, reason=response.reason, body=data)

@@ -1,20 +1,26 @@
-"""`amxtune operator`: kopf watches, a periodic resync, liveness and metrics.
+"""`amxtune operator`: kopf watches feed a work queue; worker threads reconcile; a resync
+paces the periodic passes; liveness and metrics.
 
 Only kopf's event-watching handlers are used: they keep no state on the objects (no
 annotations, no finalizers), so the operator never blocks deletion when it is down and GitOps
-tools see no drift. Each event just triggers a level-based reconcile of the affected job; a
-resync loop every few seconds reads progress and enforces deadlines.
+tools see no drift. A watch event only records the job in an index and queues its key, so the
+many events of one job's pods collapse into one level-based reconcile. The resync reads that
+index (no LIST per pass) and queues each running job again once per period, the period growing
+with the number of running jobs so that the operator's request rate stays bounded however many
+jobs run (progress is read from rank 0's log in those passes); a job whose activeDeadlineSeconds
+has run out is queued at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import kopf
 
@@ -23,11 +29,14 @@ from amxtune.controller import metrics
 from amxtune.controller.finetunejob import FineTuneJobController
 from amxtune.controller.inferencejob import InferenceJobController, owner_finetunejob
 from amxtune.controller.kube import Kube
+from amxtune.controller.state import parse_time
+from amxtune.controller.workqueue import WorkQueue
 from amxtune.settings import Settings
 from amxtune_api.finetunejob import Phase
 
 log = logging.getLogger("amxtune.operator")
 TERMINAL = (Phase.Succeeded, Phase.Failed)
+JobKey = tuple[str, str, str]  # kind, namespace, name
 
 
 # A job whose reconciliation keeps failing (apiserver errors, a bug) is retried by the resync
@@ -36,62 +45,119 @@ TERMINAL = (Phase.Succeeded, Phase.Failed)
 BACKOFF_CAP_SECONDS = 300.0
 
 
+@dataclass(frozen=True)
+class JobSummary:
+    """What the resync needs of a job, kept from its watch events."""
+
+    phase: str
+    deadline: float | None  # epoch seconds at which activeDeadlineSeconds runs out
+
+    @classmethod
+    def of(cls, body: dict) -> JobSummary:
+        status = body.get("status") or {}
+        limit = (body.get("spec") or {}).get("activeDeadlineSeconds")
+        started = parse_time(status.get("startTime"))
+        deadline = started.timestamp() + float(limit) if limit and started else None
+        return cls(status.get("phase") or Phase.Pending, deadline)
+
+
 class Operator:
     def __init__(self, kube: Kube, settings: Settings, namespaces: list[str] | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.kube = kube
         self.settings = settings
         self.namespaces = namespaces
         self.clock = clock
-        self._failures: dict[tuple[str, str, str], tuple[int, float]] = {}  # count, retry at
+        self.wall_clock = wall_clock
         self.controllers = {
             "FineTuneJob": FineTuneJobController(kube, settings),
             "InferenceJob": InferenceJobController(kube, settings),
         }
-        self._locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(
-            threading.Lock
-        )
-        self._locks_guard = threading.Lock()
+        self.index: dict[JobKey, JobSummary] = {}
+        self.queue: WorkQueue[JobKey] = WorkQueue()
+        self._failures: dict[JobKey, tuple[int, float]] = {}  # count, retry at
+        self._periodic_due: dict[JobKey, float] = {}
+        self.period = settings.progress_interval_seconds
         self.stopping = threading.Event()
 
-    @contextmanager
-    def _lock(self, key: tuple[str, str, str]) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks[key]
-        with lock:
-            yield
+    # --- what the watches report -----------------------------------------------------------
 
-    def reconcile(self, kind: str, namespace: str, name: str, periodic: bool = False) -> None:
-        """One job at a time per object; errors are logged and retried by the resync with an
-        exponential backoff per object (`periodic` passes respect it, watch events do not)."""
-        key = (kind, namespace, name)
-        failing = self._failures.get(key)  # (watch threads may pop it meanwhile)
-        if periodic and failing and self.clock() < failing[1]:
+    def observe(self, kind: str, body: dict, deleted: bool = False) -> None:
+        """A job's watch event: keep its summary and metrics, and queue it."""
+        meta = body["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        if deleted:
+            for table in (self.index, self._failures, self._periodic_due):
+                table.pop(key, None)
+            metrics.forget_job(kind, key[1], key[2])
             return
-        with self._lock(key):
-            try:
-                self.controllers[kind].reconcile(namespace, name)
-            except Exception:
-                count = self._failures.get(key, (0, 0.0))[0] + 1
-                delay = min(BACKOFF_CAP_SECONDS,
-                            self.settings.progress_interval_seconds * 2 ** (count - 1))
-                self._failures[key] = (count, self.clock() + delay)
-                metrics.RECONCILE_ERRORS.labels(kind).inc()
-                log.exception("reconciling %s %s/%s failed (%d in a row); retrying in %.0f s",
-                              kind, namespace, name, count, delay)
-            else:
-                self._failures.pop(key, None)
+        self.index[key] = JobSummary.of(body)
+        metrics.observe_job(kind, body)
+        self.queue.add(key)
+
+    def enqueue(self, kind: str, namespace: str, name: str) -> None:
+        self.queue.add((kind, namespace, name))
+
+    # --- reconciling -----------------------------------------------------------------------
+
+    def reconcile(self, kind: str, namespace: str, name: str) -> None:
+        """One pass over one job; errors are logged and retried by the resync with an
+        exponential backoff per job (watch events retry at once)."""
+        key = (kind, namespace, name)
+        self._periodic_due[key] = self.clock() + self.period
+        try:
+            self.controllers[kind].reconcile(namespace, name)
+        except Exception:
+            count = self._failures.get(key, (0, 0.0))[0] + 1
+            delay = min(BACKOFF_CAP_SECONDS,
+                        self.settings.progress_interval_seconds * 2 ** (count - 1))
+            self._failures[key] = (count, self.clock() + delay)
+            metrics.RECONCILE_ERRORS.labels(kind).inc()
+            log.exception("reconciling %s %s/%s failed (%d in a row); retrying in %.0f s",
+                          kind, namespace, name, count, delay)
+        else:
+            self._failures.pop(key, None)
+
+    def process_one(self, timeout: float | None = None) -> bool:
+        key = self.queue.get(timeout)
+        if key is None:
+            return False
+        try:
+            self.reconcile(*key)
+        finally:
+            self.queue.done(key)
+        return True
+
+    def drain(self) -> None:
+        """Reconcile everything queued, in this thread (tests; the operator uses workers)."""
+        while self.process_one(timeout=0):
+            pass
+
+    def work_forever(self) -> None:
+        while not self.stopping.is_set():
+            self.process_one(timeout=1.0)
+
+    # --- the periodic pass -----------------------------------------------------------------
 
     def resync_once(self) -> None:
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        for namespace in self.namespaces or [None]:
-            for kind in self.controllers:
-                for body in self.kube.list_jobs(kind, namespace):
-                    phase = (body.get("status") or {}).get("phase") or "Pending"
-                    counts[(kind, phase)] += 1
-                    if phase not in TERMINAL:
-                        meta = body["metadata"]
-                        self.reconcile(kind, meta["namespace"], meta["name"], periodic=True)
+        """Queue each non-terminal job whose period has passed (or whose deadline has), and
+        publish the jobs-by-phase gauge, all from the index."""
+        jobs = list(self.index.items())
+        active = [(key, job) for key, job in jobs if job.phase not in TERMINAL]
+        self.period = max(self.settings.progress_interval_seconds,
+                          len(active) / self.settings.periodic_reconciles_per_second)
+        metrics.PERIODIC_PERIOD.set(self.period)
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+        now, wall = self.clock(), self.wall_clock()
+        for key, job in active:
+            failing = self._failures.get(key)  # (a worker may pop it meanwhile)
+            if failing and now < failing[1]:
+                continue
+            deadline_passed = job.deadline is not None and wall >= job.deadline
+            if deadline_passed or now >= self._periodic_due.get(key, now):
+                self.queue.add(key)
+        counts = Counter((key[0], job.phase) for key, job in jobs)
         for kind in self.controllers:
             for phase in Phase:
                 metrics.JOBS.labels(kind, phase.value).set(counts.get((kind, phase.value), 0))
@@ -103,8 +169,19 @@ class Operator:
             except Exception:
                 log.exception("resync failed; retrying")
 
+    def start_threads(self) -> None:
+        """Start reconciling: every job already indexed, then whatever the watches queue."""
+        log.info("reconciling with %d worker(s)", self.settings.reconcile_workers)
+        for key in list(self.index):
+            self.queue.add(key)
+        threading.Thread(target=self.resync_forever, name="resync", daemon=True).start()
+        for number in range(self.settings.reconcile_workers):
+            threading.Thread(target=self.work_forever, name=f"reconcile-{number}",
+                             daemon=True).start()
 
-def build_registry(operator: Operator, metrics_port: int) -> kopf.OperatorRegistry:
+
+def build_registry(operator: Operator, metrics_port: int,
+                   lease_namespace: str = "") -> kopf.OperatorRegistry:
     """kopf handlers; with explicit namespaces, no cluster-wide scanning (Roles suffice)."""
     registry = kopf.OperatorRegistry()
     group, version = names.GROUP, "v1alpha1"
@@ -125,25 +202,31 @@ def build_registry(operator: Operator, metrics_port: int) -> kopf.OperatorRegist
             from prometheus_client import start_http_server
 
             start_http_server(metrics_port)
-        threading.Thread(target=operator.resync_forever, name="resync", daemon=True).start()
+        if lease_namespace:  # followers watch and index; only the leader reconciles
+            from amxtune.controller.leader import elect
+
+            # the pod's name in a cluster; two local processes need two identities
+            identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+            elect(lease_namespace, identity, operator.start_threads)
+        else:
+            operator.start_threads()
 
     @kopf.on.cleanup(registry=registry)
     def _cleanup(**_: object) -> None:
         operator.stopping.set()
+        operator.queue.close()
 
+    # The handlers only index and queue: reconciling happens on the operator's own workers.
     @kopf.on.event(group, version, "finetunejobs", registry=registry)
     def _finetunejob(type: str, body: kopf.Body, **_: object) -> None:
-        if type != "DELETED":
-            operator.reconcile("FineTuneJob", body.metadata.namespace, body.metadata.name)
+        operator.observe("FineTuneJob", dict(body), deleted=type == "DELETED")
 
     @kopf.on.event(group, version, "inferencejobs", registry=registry)
     def _inferencejob(type: str, body: kopf.Body, **_: object) -> None:
-        namespace = body.metadata.namespace
-        if type != "DELETED":
-            operator.reconcile("InferenceJob", namespace, body.metadata.name)
+        operator.observe("InferenceJob", dict(body), deleted=type == "DELETED")
         owner = owner_finetunejob(dict(body))
         if owner:
-            operator.reconcile("FineTuneJob", namespace, owner)
+            operator.enqueue("FineTuneJob", body.metadata.namespace, owner)
 
     @kopf.on.event("v1", "pods", labels={"app.kubernetes.io/managed-by": names.MANAGED_BY},
                    registry=registry)
@@ -153,7 +236,7 @@ def build_registry(operator: Operator, metrics_port: int) -> kopf.OperatorRegist
             labels.get(names.KIND_LABEL, "")
         )
         if kind and labels.get(names.JOB_LABEL):
-            operator.reconcile(kind, body.metadata.namespace, labels[names.JOB_LABEL])
+            operator.enqueue(kind, body.metadata.namespace, labels[names.JOB_LABEL])
 
     return registry
 
@@ -165,6 +248,7 @@ def run_operator(
     metrics_port: int,
     log_format: str,
     verbose: bool,
+    lease_namespace: str = "",
 ) -> int:
     kopf.configure(
         verbose=verbose,
@@ -179,7 +263,7 @@ def run_operator(
     operator = Operator(Kube(), Settings.from_env(), namespaces)
     log.info("watching %s", ", ".join(namespaces) if namespaces else "all namespaces")
     kopf.run(
-        registry=build_registry(operator, metrics_port),
+        registry=build_registry(operator, metrics_port, lease_namespace),
         standalone=True,
         namespaces=namespaces or [],
         clusterwide=not namespaces,

@@ -77,6 +77,7 @@ class PodView:
     unschedulable: str | None = None
     exit_code: int | None = None
     exit_reason: str | None = None
+    disrupted: bool = False  # evicted, preempted or drained: not the workload's fault
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -89,6 +90,9 @@ class PodView:
                 "PodScheduled", "False", "Unschedulable"
             ):
                 unschedulable = cond.get("message") or "no node fits the pod"
+        disrupted = status.get("reason") == "Evicted" or any(
+            (cond.get("type"), cond.get("status")) == ("DisruptionTarget", "True")
+            for cond in status.get("conditions") or [])
         exit_code = exit_reason = None
         containers = status.get("containerStatuses") or []
         for container in containers:
@@ -110,6 +114,7 @@ class PodView:
             unschedulable=unschedulable,
             exit_code=exit_code,
             exit_reason=exit_reason,
+            disrupted=disrupted,
             raw=pod,
         )
 
