@@ -54,6 +54,7 @@ def _operator(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         log_format=args.log_format,
         verbose=args.verbose,
+        lease_namespace=args.leader_election_namespace,
     )
 
 
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port (0: off)")
     p.add_argument("--log-format", choices=["json", "plain"], default="json")
+    p.add_argument("--leader-election-namespace", default="", metavar="NAMESPACE",
+                   help="run as one of several replicas: only the holder of the Lease "
+                   "amxtune-operator in NAMESPACE reconciles (default: no election)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(handler=_operator)
 

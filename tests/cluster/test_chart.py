@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -60,10 +61,16 @@ def rendered(cp: ControlPlane, *values: str) -> list[dict]:
 def test_default_install_watches_all_namespaces_with_one_cluster_role(control_plane):
     docs = rendered(control_plane)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding",
+                     "Service", "ServiceAccount"]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert "--all-namespaces" in container["args"]
+    assert "--leader-election-namespace=amxtune-system" in container["args"]
+    lease_role = next(d for d in docs if d["kind"] == "Role")  # the Lease, nothing else
+    assert lease_role["metadata"]["namespace"] == "amxtune-system"
+    assert lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"],
+                                    "resources": ["leases"], "verbs": ["get", "create", "update"]}]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
@@ -74,7 +81,8 @@ def test_default_install_watches_all_namespaces_with_one_cluster_role(control_pl
 def test_namespaced_install_has_roles_only_in_watched_namespaces(control_plane):
     docs = rendered(control_plane, *NON_DEFAULT)
     roles = [d for d in docs if d["kind"] == "Role"]
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["amxtune-system", "team-a",
+                                                                  "team-b"]
     assert not [d for d in docs if d["kind"].startswith("Cluster")]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -83,6 +91,15 @@ def test_namespaced_install_has_roles_only_in_watched_namespaces(control_plane):
     assert env["AMXTUNE_AMX_NODE_LABELS"] == "example.com/amx"
     assert env["AMXTUNE_HUB_ENDPOINT"] == "https://hub-mirror.example.com"
     assert any(d["kind"] == "ServiceMonitor" for d in docs)
+
+
+def test_the_grafana_dashboard_is_a_configmap_for_grafanas_sidecar(control_plane):
+    docs = rendered(control_plane, "--set", "metrics.grafanaDashboard.enabled=true")
+    dashboards = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert len(dashboards) == 1 and dashboards[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "dashboards" / "amxtune.json").read_text())
+    assert json.loads(dashboards[0]["data"]["amxtune.json"]) == shipped
+    assert not [d for d in rendered(control_plane) if d["kind"] == "ConfigMap"]  # off by default
 
 
 def test_values_schema_rejects_a_typo(control_plane):
@@ -157,7 +174,11 @@ def test_installed_chart_grants_enough_to_run_a_job_and_nothing_more(
             args += ["-n", ns] if ns else []
             assert cp.kubectl(*args, check=False).stdout.strip() == "no", (verb, resource, ns)
 
-        operator = OperatorProcess(cp, namespace, kubeconfig=kubeconfig).start()
+        operator = OperatorProcess(
+            cp, namespace, kubeconfig=kubeconfig,
+            flags=["--liveness", "", "--metrics-port", "0", "--log-format", "plain",
+                   "--leader-election-namespace", release_ns],
+        ).start()
         try:
             submit(cp, namespace, job())
             pods = running_workers(cp, namespace, 3)

@@ -33,10 +33,12 @@ class OperatorProcess:
         extra_env: dict[str, str] | None = None,
         kubeconfig: Path | None = None,
         flags: list[str] | None = None,
+        log_name: str = "",
+        module: str = "amxtune.cli",
     ) -> None:
         self.cp = cp
         self.namespace = namespace
-        self.log_path = cp.log_dir / f"operator-{namespace}.log"
+        self.log_path = cp.log_dir / f"operator-{log_name or namespace}.log"
         self.env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig or cp.kubeconfig),
@@ -46,6 +48,7 @@ class OperatorProcess:
             **(extra_env or {}),
         }
         self.flags = flags or ["--liveness", "", "--metrics-port", "0", "--log-format", "plain"]
+        self.module = module
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -57,7 +60,7 @@ class OperatorProcess:
             [
                 sys.executable,
                 "-m",
-                "amxtune.cli",
+                self.module,
                 "operator",
                 "--namespace",
                 self.namespace,
@@ -66,6 +69,7 @@ class OperatorProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            cwd=REPO_ROOT,
         )
         log.close()
         time.sleep(0.5)
