@@ -185,6 +185,58 @@ def test_operator_restart_mid_job_creates_nothing_twice(crds, operator, namespac
     assert len(cp.kubectl_json("get", "infj", "-n", namespace)["items"]) == 1
 
 
+def lease_holder(cp, namespace: str) -> str | None:
+    lease = cp.get("lease", "amxtune-operator", namespace) or {}
+    return (lease.get("spec") or {}).get("holderIdentity")
+
+
+def test_two_replicas_one_leads_and_the_other_takes_over_when_it_is_killed(crds, namespace):
+    cp = crds
+
+    def replica(name: str) -> OperatorProcess:
+        return OperatorProcess(
+            cp, namespace, extra_env={"POD_NAME": name}, log_name=f"{namespace}-{name}",
+            flags=["--liveness", "", "--metrics-port", "0", "--log-format", "plain",
+                   "--leader-election-namespace", namespace],
+        ).start()
+
+    first = replica("replica-a")
+    cp.wait_for(lambda: lease_holder(cp, namespace) == "replica-a", what="replica-a leads")
+    second = replica("replica-b")
+    try:
+        submit(cp, namespace, job())
+        running_workers(cp, namespace, 3)
+        before = {p["metadata"]["uid"] for p in worker_pods(cp, namespace)}
+        assert lease_holder(cp, namespace) == "replica-a"
+        assert "reconciling with" not in second.log()  # the follower only watches
+        first.kill()
+        cp.wait_for(lambda: lease_holder(cp, namespace) == "replica-b", timeout=60,
+                    what="replica-b takes the Lease over")
+        finish_all(cp, namespace, worker_pods(cp, namespace))
+        wait_phase(cp, namespace, "Exporting")
+        assert {p["metadata"]["uid"] for p in worker_pods(cp, namespace)} == before
+        events = reasons(cp, namespace)
+        assert events.count("WorkersCreated") == 1 and events.count("ExportStarted") == 1
+        assert "ExportStarted" in second.log()
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_deleted_worker_restarts_the_group_without_spending_a_restart(crds, operator,
+                                                                         namespace):
+    cp = crds
+    submit(cp, namespace, job(backoffLimit=0))
+    running_workers(cp, namespace, 3)
+    cp.kubectl("delete", "pod", "dicoo-worker-2", "-n", namespace, "--wait=false")
+    workers = running_workers(cp, namespace, 3, attempt="1")
+    final = status(cp, namespace)
+    assert (final["phase"], final["restarts"], final["disruptions"]) == ("Running", 0, 1)
+    assert "WorkersLost" in reasons(cp, namespace)
+    finish_all(cp, namespace, workers)
+    wait_phase(cp, namespace, "Exporting")
+
+
 def test_suspend_then_resume(crds, operator, namespace):
     cp = crds
     submit(cp, namespace, job())

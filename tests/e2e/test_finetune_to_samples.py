@@ -228,3 +228,24 @@ def test_suspending_saves_the_current_step_and_resuming_loses_nothing(control_pl
     assert metrics["resumed_from_step"] == stopped_at  # not one step redone
     assert [h["step"] for h in metrics["history"]] == list(range(1, 401))
     assert final["restarts"] == 0  # a stop is not a failure
+
+
+def test_a_deleted_worker_stops_the_group_which_resumes_from_the_step_it_saved(
+        control_plane, namespace, tmp_path):
+    """One worker pod deleted (as a drain or an eviction does): its rank gets SIGTERM, the
+    ranks agree to stop and rank 0 saves the current step; the operator restarts the whole
+    group (WorkersLost, no restart counted) and it resumes from that step."""
+    cp = control_plane
+    with local_cluster(cp, namespace, tmp_path) as (_, output, _):
+        cp.apply_yaml(yaml.safe_dump(manifest(2, 300, 1000, export=False)), namespace=namespace)
+        reached = cp.wait_for(
+            lambda: (status(cp, namespace, "robot").get("progress") or {}).get("step", 0) >= 20
+            and status(cp, namespace, "robot")["progress"]["step"], timeout=300,
+            what="training past step 20")
+        cp.kubectl("delete", "pod", "robot-worker-1", "-n", namespace, "--wait=false")
+        final = wait_phase(cp, namespace, "Succeeded", name="robot", timeout=600)
+
+    metrics = json.loads((output / "robot" / "metrics.json").read_text())
+    assert reached <= metrics["resumed_from_step"] < 300  # the step of the stop, not step 0
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 301))
+    assert (final["restarts"], final["disruptions"], final["attempt"]) == (0, 1, 1)

@@ -107,7 +107,8 @@ def worker_pods(cp: ControlPlane, namespace: str, job_name: str = "dicoo") -> li
     return sorted(pods["items"], key=lambda p: p["metadata"]["name"])
 
 
-def running_workers(cp, namespace, count, attempt="0", job_name="dicoo") -> list[dict]:
+def running_workers(cp, namespace, count, attempt="0", job_name="dicoo",
+                    timeout=60) -> list[dict]:
     def ready():
         pods = [
             p
@@ -117,7 +118,8 @@ def running_workers(cp, namespace, count, attempt="0", job_name="dicoo") -> list
         ]
         return pods if len(pods) == count else None
 
-    return cp.wait_for(ready, timeout=60, what=f"{count} running workers (attempt {attempt})")
+    return cp.wait_for(ready, timeout=timeout,
+                       what=f"{count} running workers (attempt {attempt})")
 
 
 def finish_all(cp: ControlPlane, namespace: str, pods: list[dict]) -> None:
