@@ -747,3 +747,17 @@ def test_suspending_and_resuming_loses_no_worker(world):
     ftj.reconcile("ns", "dicoo")
     assert kube.status().get("disruptions", 0) == 0 and kube.status()["attempt"] == 0
     assert len(kube.pods()) == 2
+
+
+def test_the_inference_job_reads_the_folder_the_run_recorded_not_the_spec(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    recorded = {"claimName": "recorded-claim", "path": "dicoo-first-run"}
+    kube.status()["outputs"] = dict(recorded)  # what the run started with
+    for pod in kube.pods():
+        kube.set_pod(pod["metadata"]["name"], "Succeeded", exit_code=0)
+    ftj.reconcile("ns", "dicoo")
+    infj = kube.objects[("InferenceJob", "ns", "dicoo-export")]
+    assert infj["spec"]["source"]["pvc"] == recorded
+    assert kube.status()["outputs"]["embeddings"].startswith("dicoo-first-run/")

@@ -317,7 +317,8 @@ class FineTuneJobController(Reconciler):
         self._stop_workers(job, keep_finished=True)
         if spec.export is not None:
             body = inference_job_for(job, spec, outputs.get("claimName") or
-                                     names.output_claim(job.name, spec.output.pvc.claim_name))
+                                     names.output_claim(job.name, spec.output.pvc.claim_name),
+                                     base)
             if self.kube.create(body):
                 run.event("Normal", "ExportStarted",
                           f"created InferenceJob {body['metadata']['name']} to export to "
@@ -335,7 +336,8 @@ class FineTuneJobController(Reconciler):
         child = self.kube.get_job("InferenceJob", job.namespace, name)
         if child is None:  # deleted by someone, or creation was interrupted: make it again
             assert spec.export is not None
-            self.kube.create(inference_job_for(job, spec, run.status["outputs"]["claimName"]))
+            self.kube.create(inference_job_for(job, spec, run.status["outputs"]["claimName"],
+                                               run.status["outputs"].get("path")))
             return
         child_status = child.get("status") or {}
         phase = child_status.get("phase")

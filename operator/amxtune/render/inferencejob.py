@@ -108,10 +108,12 @@ def render_inferencejob(
     return InferenceJobObjects(config_map, export_pod)
 
 
-def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str) -> dict:
-    """The InferenceJob a FineTuneJob with spec.export creates when training succeeds."""
+def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str,
+                      path: str | None = None) -> dict:
+    """The InferenceJob a FineTuneJob with spec.export creates when training succeeds, reading
+    the claim and folder the run recorded in status.outputs (`path`; else the spec's)."""
     assert spec.export is not None
-    source: dict = {"pvc": {"claimName": claim_name, "path": output_path(job, spec)}}
+    source: dict = {"pvc": {"claimName": claim_name, "path": path or output_path(job, spec)}}
     if not spec.training.save_as_full_pipeline:
         source["model"] = spec.model.to_wire()
         if spec.method == Method.lora:
