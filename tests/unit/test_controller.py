@@ -761,3 +761,23 @@ def test_the_inference_job_reads_the_folder_the_run_recorded_not_the_spec(world)
     infj = kube.objects[("InferenceJob", "ns", "dicoo-export")]
     assert infj["spec"]["source"]["pvc"] == recorded
     assert kube.status()["outputs"]["embeddings"].startswith("dicoo-first-run/")
+
+
+def test_resuming_while_the_suspended_pods_still_terminate_loses_no_worker(world):
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    terminating = copy.deepcopy(kube.pods())
+    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = True
+    ftj.reconcile("ns", "dicoo")
+    for pod in terminating:  # the kubelet has not confirmed their end yet
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:05Z"
+        kube.put(pod)
+    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = False
+    ftj.reconcile("ns", "dicoo")
+    ftj.reconcile("ns", "dicoo")
+    assert "WorkersLost" not in kube.reasons() and kube.status()["attempt"] == 0
+    for pod in terminating:
+        kube.delete("Pod", "ns", pod["metadata"]["name"])
+    ftj.reconcile("ns", "dicoo")
+    assert len(kube.pods()) == 2 and kube.status()["podsCreatedForAttempt"] == 0

@@ -201,7 +201,8 @@ class FineTuneJobController(Reconciler):
             run.event("Normal", "WorkersCreated",
                       f"created {len(created)} worker pod(s) for attempt {attempt}: "
                       f"{spec.workers.nodes} x {spec.workers.ranks_per_node} ranks")
-        if len(current) + len(created) == len(objects.pods):
+        # (a pod of the same name still terminating, e.g. after a quick resume, is not one)
+        if sum(not p.deleting for p in current.values()) + len(created) == len(objects.pods):
             status["podsCreatedForAttempt"] = attempt
         self._observe_workers(run, job, spec, list(current.values()))
         self._read_progress(run, job, leader, spec)
@@ -410,13 +411,13 @@ class FineTuneJobController(Reconciler):
     def _lost_workers(status: dict, spec: FineTuneJobSpec,
                       current: dict[int, PodView]) -> list[str]:
         """Workers of this attempt that are gone or going though none of them failed: deleted,
-        evicted, preempted (a missing pod counts once all of the attempt's pods existed)."""
-        going = [pod.name for pod in current.values()
-                 if pod.disrupted or (pod.deleting and not pod.finished)]
+        evicted, preempted. Only once all of the attempt's pods existed (so not the pods a
+        suspend is still deleting when the job resumes)."""
         if status.get("podsCreatedForAttempt") != current_attempt(status):
-            return going
-        return [f"rank {rank}" for rank in range(spec.workers.nodes)
-                if rank not in current] + going
+            return []
+        missing = [f"rank {rank}" for rank in range(spec.workers.nodes) if rank not in current]
+        return missing + [pod.name for pod in current.values() if pod.phase != "Succeeded"
+                          and (pod.disrupted or (pod.deleting and not pod.finished))]
 
     def _workers_lost(self, run: Pass, lost: list[str]) -> None:
         """The group cannot go on without a rank: restart it from the latest checkpoint (the

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from kubernetes.leaderelection import electionconfig
@@ -19,6 +20,8 @@ from kubernetes.leaderelection.leaderelection import LeaderElection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
 log = logging.getLogger("amxtune.leader")
+# the library logs every renewal (every RETRY_SECONDS) at INFO; our own lines say what matters
+logging.getLogger("leaderelection").setLevel(logging.WARNING)
 
 LEASE_NAME = "amxtune-operator"
 LEASE_SECONDS = 15
@@ -36,14 +39,41 @@ def _exit_on_lost_lease(namespace: str) -> None:
 def elect(namespace: str, identity: str, on_leading: Callable[[], None],
           on_lost: Callable[[], None] | None = None) -> threading.Thread:
     """Campaign in the background; `on_leading` runs (in its own thread) once elected."""
+    lost = on_lost or (lambda: _exit_on_lost_lease(namespace))
     lock = LeaseLock(LEASE_NAME, namespace, identity)
-    config = electionconfig.Config(
-        lock, LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS,
-        onstarted_leading=on_leading,
-        onstopped_leading=on_lost or (lambda: _exit_on_lost_lease(namespace)),
-    )
+    leading = threading.Event()
+
+    def started() -> None:
+        leading.set()
+        on_leading()
+
+    config = electionconfig.Config(lock, LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS,
+                                   onstarted_leading=started, onstopped_leading=lost)
+    election = LeaderElection(config)
+
+    def campaign() -> None:
+        # The library catches only the API's own errors: a dropped connection would end the
+        # campaign silently (a leader that no longer renews, a follower that never leads).
+        try:
+            election.run()
+        except Exception:
+            log.exception("leader election failed")
+        lost()
+
+    def watchdog() -> None:
+        # A renewal that hangs (the library sets no request timeout) must not let a leader go
+        # on after its Lease can have passed to another replica.
+        leading.wait()
+        while True:
+            time.sleep(1)
+            renewed = election.observed_time_milliseconds / 1000
+            if time.time() - renewed > RENEW_DEADLINE_SECONDS:
+                log.error("the Lease was not renewed for %d s", RENEW_DEADLINE_SECONDS)
+                lost()
+                return
+
     log.info("%s campaigns for the Lease %s/%s", identity, namespace, LEASE_NAME)
-    thread = threading.Thread(target=LeaderElection(config).run, name="leader-election",
-                              daemon=True)
+    thread = threading.Thread(target=campaign, name="leader-election", daemon=True)
     thread.start()
+    threading.Thread(target=watchdog, name="lease-watchdog", daemon=True).start()
     return thread

@@ -105,10 +105,13 @@ class Operator:
         """One pass over one job; errors are logged and retried by the resync with an
         exponential backoff per job (watch events retry at once)."""
         key = (kind, namespace, name)
-        self._periodic_due[key] = self.clock() + self.period
+        if key in self.index:  # (not for a job deleted meanwhile: nothing would remove it)
+            self._periodic_due[key] = self.clock() + self.period
         try:
             self.controllers[kind].reconcile(namespace, name)
         except Exception:
+            if key not in self.index:
+                return
             count = self._failures.get(key, (0, 0.0))[0] + 1
             delay = min(BACKOFF_CAP_SECONDS,
                         self.settings.progress_interval_seconds * 2 ** (count - 1))
@@ -144,7 +147,9 @@ class Operator:
         """Queue each non-terminal job whose period has passed (or whose deadline has), and
         publish the jobs-by-phase gauge, all from the index."""
         jobs = list(self.index.items())
-        active = [(key, job) for key, job in jobs if job.phase not in TERMINAL]
+        # a terminal job's last pass (stopping its pods) is retried while it fails
+        active = [(key, job) for key, job in jobs
+                  if job.phase not in TERMINAL or key in self._failures]
         self.period = max(self.settings.progress_interval_seconds,
                           len(active) / self.settings.periodic_reconciles_per_second)
         metrics.PERIODIC_PERIOD.set(self.period)
@@ -154,7 +159,9 @@ class Operator:
             failing = self._failures.get(key)  # (a worker may pop it meanwhile)
             if failing and now < failing[1]:
                 continue
-            deadline_passed = job.deadline is not None and wall >= job.deadline
+            # (a suspended job's deadline is checked when it resumes)
+            deadline_passed = (job.deadline is not None and wall >= job.deadline
+                               and job.phase != Phase.Suspended)
             if deadline_passed or now >= self._periodic_due.get(key, now):
                 self.queue.add(key)
         counts = Counter((key[0], job.phase) for key, job in jobs)
