@@ -199,6 +199,14 @@ def test_a_worker_on_a_node_without_amx_moves_to_another_node(control_plane, nam
         assert f"ran on node {good}" in lacks[1]["message"]
 
 
+def training_past(cp, namespace: str, step: int) -> int:
+    """Wait until the job reports a step at or past `step`; that step."""
+    return cp.wait_for(
+        lambda: (status(cp, namespace, "robot").get("progress") or {}).get("step", 0) >= step
+        and status(cp, namespace, "robot")["progress"]["step"], timeout=300,
+        what=f"training past step {step}")
+
+
 def test_suspending_saves_the_current_step_and_resuming_loses_nothing(control_plane, namespace,
                                                                        tmp_path):
     """Suspend deletes the worker pods (as a drain or a preemption would): the kubelet's
@@ -207,10 +215,7 @@ def test_suspending_saves_the_current_step_and_resuming_loses_nothing(control_pl
     cp = control_plane
     with local_cluster(cp, namespace, tmp_path) as (_, output, _):
         cp.apply_yaml(yaml.safe_dump(manifest(2, 400, 1000, export=False)), namespace=namespace)
-        reached = cp.wait_for(
-            lambda: (status(cp, namespace, "robot").get("progress") or {}).get("step", 0) >= 20
-            and status(cp, namespace, "robot")["progress"]["step"], timeout=300,
-            what="training past step 20")
+        reached = training_past(cp, namespace, 20)
         cp.kubectl("patch", "ftj", "robot", "-n", namespace, "--type=merge",
                    "-p", '{"spec": {"suspend": true}}')
         wait_phase(cp, namespace, "Suspended", name="robot", timeout=120)
@@ -238,10 +243,7 @@ def test_a_deleted_worker_stops_the_group_which_resumes_from_the_step_it_saved(
     cp = control_plane
     with local_cluster(cp, namespace, tmp_path) as (_, output, _):
         cp.apply_yaml(yaml.safe_dump(manifest(2, 300, 1000, export=False)), namespace=namespace)
-        reached = cp.wait_for(
-            lambda: (status(cp, namespace, "robot").get("progress") or {}).get("step", 0) >= 20
-            and status(cp, namespace, "robot")["progress"]["step"], timeout=300,
-            what="training past step 20")
+        reached = training_past(cp, namespace, 20)
         cp.kubectl("delete", "pod", "robot-worker-1", "-n", namespace, "--wait=false")
         final = wait_phase(cp, namespace, "Succeeded", name="robot", timeout=600)
 

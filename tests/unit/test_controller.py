@@ -92,16 +92,7 @@ class FakeKube:
     def patch_status(self, kind, namespace, name, status):
         """A JSON merge patch (RFC 7386), as the apiserver applies it: keys it does not name
         stay, null removes."""
-
-        def merge(target, patch):
-            for key, value in patch.items():
-                if value is None:
-                    target.pop(key, None)
-                elif isinstance(value, dict) and isinstance(target.get(key), dict):
-                    merge(target[key], value)
-                else:
-                    target[key] = copy.deepcopy(value)
-            return target
+        from tests.support.malformed import merge
 
         body = self.objects[(kind, namespace, name)]
         body["status"] = merge(body.get("status") or {}, status)
