@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 
 import pytest
 import yaml
 
+from amxtune.controller.leader import LEASE_SECONDS
 from tests.support.controlplane import AMX_LABEL, ControlPlane, KubectlError
 from tests.support.jobs import (
     EXAMPLE,
@@ -203,6 +205,7 @@ def test_two_replicas_one_leads_and_the_other_takes_over_when_it_is_killed(crds,
     first = replica("replica-a")
     cp.wait_for(lambda: lease_holder(cp, namespace) == "replica-a", what="replica-a leads")
     second = replica("replica-b")
+    third = None
     try:
         submit(cp, namespace, job())
         running_workers(cp, namespace, 3)
@@ -218,9 +221,19 @@ def test_two_replicas_one_leads_and_the_other_takes_over_when_it_is_killed(crds,
         events = reasons(cp, namespace)
         assert events.count("WorkersCreated") == 1 and events.count("ExportStarted") == 1
         assert "ExportStarted" in second.log()
+        third = replica("replica-c")
+        cp.wait_for(lambda: "campaigns for the Lease" in third.log(), what="replica-c up")
+        stopped = time.monotonic()
+        second.stop()  # SIGTERM, as a rolling update sends: the Lease is handed over at once
+        cp.wait_for(lambda: lease_holder(cp, namespace) == "replica-c", timeout=60,
+                    what="replica-c takes the released Lease")
+        assert time.monotonic() - stopped < LEASE_SECONDS, "the Lease ran out instead"
+        assert "released the Lease" in second.log()
     finally:
         first.stop()
         second.stop()
+        if third is not None:
+            third.stop()
 
 
 def test_a_deleted_worker_restarts_the_group_without_spending_a_restart(crds, operator,

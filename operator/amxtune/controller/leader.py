@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from kubernetes import client
 from kubernetes.leaderelection import electionconfig
 from kubernetes.leaderelection.leaderelection import LeaderElection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
@@ -37,9 +38,15 @@ def _exit_on_lost_lease(namespace: str) -> None:
 
 
 def elect(namespace: str, identity: str, on_leading: Callable[[], None],
-          on_lost: Callable[[], None] | None = None) -> threading.Thread:
-    """Campaign in the background; `on_leading` runs (in its own thread) once elected."""
-    lost = on_lost or (lambda: _exit_on_lost_lease(namespace))
+          on_lost: Callable[[], None] | None = None) -> Callable[[], None]:
+    """Campaign in the background; `on_leading` runs (in its own thread) once elected.
+    Returns `release`, for a graceful stop once this replica no longer writes."""
+    released = threading.Event()
+
+    def lost() -> None:
+        if not released.is_set():  # (renewals stop on purpose once released)
+            (on_lost or (lambda: _exit_on_lost_lease(namespace)))()
+
     lock = LeaseLock(LEASE_NAME, namespace, identity)
     leading = threading.Event()
 
@@ -72,8 +79,24 @@ def elect(namespace: str, identity: str, on_leading: Callable[[], None],
                 lost()
                 return
 
+    def release() -> None:
+        """Hand the Lease over now rather than after LEASE_SECONDS: a follower takes a Lease
+        without a holder at its next try (RETRY_SECONDS)."""
+        if not leading.is_set():
+            return
+        released.set()
+        election.try_acquire_or_renew = lambda: False  # renew no more (the library has no stop)
+        try:
+            api = client.CoordinationV1Api()
+            lease = api.read_namespaced_lease(LEASE_NAME, namespace, _request_timeout=5)
+            if lease.spec.holder_identity == identity:
+                lease.spec.holder_identity = None  # (resourceVersion kept: not someone else's)
+                api.replace_namespaced_lease(LEASE_NAME, namespace, lease, _request_timeout=5)
+                log.info("released the Lease %s/%s", namespace, LEASE_NAME)
+        except Exception as error:  # the Lease then runs out by itself
+            log.warning("could not release the Lease %s/%s: %s", namespace, LEASE_NAME, error)
+
     log.info("%s campaigns for the Lease %s/%s", identity, namespace, LEASE_NAME)
-    thread = threading.Thread(target=campaign, name="leader-election", daemon=True)
-    thread.start()
+    threading.Thread(target=campaign, name="leader-election", daemon=True).start()
     threading.Thread(target=watchdog, name="lease-watchdog", daemon=True).start()
-    return thread
+    return release

@@ -80,6 +80,7 @@ class Operator:
         self._periodic_due: dict[JobKey, float] = {}
         self.period = settings.progress_interval_seconds
         self.stopping = threading.Event()
+        self.workers: list[threading.Thread] = []
 
     # --- what the watches report -----------------------------------------------------------
 
@@ -183,8 +184,18 @@ class Operator:
             self.queue.add(key)
         threading.Thread(target=self.resync_forever, name="resync", daemon=True).start()
         for number in range(self.settings.reconcile_workers):
-            threading.Thread(target=self.work_forever, name=f"reconcile-{number}",
-                             daemon=True).start()
+            worker = threading.Thread(target=self.work_forever, name=f"reconcile-{number}",
+                                      daemon=True)
+            worker.start()
+            self.workers.append(worker)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """No new passes; wait (up to `timeout`) for the passes in flight to finish."""
+        self.stopping.set()
+        self.queue.close()
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
 
 def build_registry(operator: Operator, metrics_port: int,
@@ -197,6 +208,8 @@ def build_registry(operator: Operator, metrics_port: int,
     def _login(**kwargs: object) -> kopf.ConnectionInfo | None:
         # a custom registry has no default login handlers: in-cluster token, else kubeconfig
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    releases: list[Callable[[], None]] = []  # the Lease, when elected
 
     @kopf.on.startup(registry=registry)
     def _startup(settings: kopf.OperatorSettings, **_: object) -> None:
@@ -214,14 +227,15 @@ def build_registry(operator: Operator, metrics_port: int,
 
             # the pod's name in a cluster; two local processes need two identities
             identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
-            elect(lease_namespace, identity, operator.start_threads)
+            releases.append(elect(lease_namespace, identity, operator.start_threads))
         else:
             operator.start_threads()
 
     @kopf.on.cleanup(registry=registry)
     def _cleanup(**_: object) -> None:
-        operator.stopping.set()
-        operator.queue.close()
+        operator.stop()
+        for release in releases:  # after the last write: the next leader starts at once
+            release()
 
     # The handlers only index and queue: reconciling happens on the operator's own workers.
     @kopf.on.event(group, version, "finetunejobs", registry=registry)
