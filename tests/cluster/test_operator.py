@@ -7,7 +7,6 @@ kwok plays the kubelet: worker pods run until a test annotates them to succeed o
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from amxtune.controller.leader import LEASE_SECONDS
-from tests.support.controlplane import AMX_LABEL, ControlPlane, KubectlError
+from tests.support.controlplane import AMX_LABEL, ControlPlane, KubectlError, free_port
 from tests.support.jobs import (
     EXAMPLE,
     finish_all,
@@ -493,11 +492,6 @@ def test_reapplying_the_same_manifest_shows_no_drift(crds, operator, namespace):
     assert not after["metadata"].get("finalizers")
     assert not [k for k in after["metadata"].get("annotations", {}) if "kopf" in k]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_operator_serves_liveness_metrics_and_json_logs(crds, namespace):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.controlplane import ControlPlane, ensure_binaries
+from tests.support.controlplane import ControlPlane, ensure_binaries, free_port
 from tests.support.scale import (
     BOUND_SECONDS_TARGET,
     JOBS_PER_REQUEST_PER_SECOND_TARGET,
     RSS_MIB_TARGET,
-    free_port,
     run_scale,
 )
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.controlplane import WaitAborted
+from tests.support.controlplane import WaitAborted, free_port
 from tests.support.jobs import describe, status, volume, wait_phase
 from tests.support.local_kubelet import LOCAL_NODE_LABEL, LocalKubelet
 from tests.support.operator import OperatorProcess, install_crds
@@ -31,11 +30,6 @@ from tests.support.operator import OperatorProcess, install_crds
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def manifest(nodes: int, steps: int, checkpoint_every: int, export: bool,

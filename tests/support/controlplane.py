@@ -343,7 +343,7 @@ def default_nodes() -> list[NodeSpec]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
@@ -545,8 +545,8 @@ class ControlPlane:
         pki = work / "pki"
         pki.mkdir(mode=0o700)
         self.log_dir.mkdir()
-        self.etcd_port = _free_port()
-        self.apiserver_port = _free_port()
+        self.etcd_port = free_port()
+        self.apiserver_port = free_port()
 
         ca = _CertificateAuthority()
         self._ca = ca
@@ -655,7 +655,7 @@ class ControlPlane:
         return max(1.0, self.start_timeout - (time.monotonic() - self.started_at))
 
     def _start_etcd(self, bin_dir: Path) -> None:
-        peer_port = _free_port()
+        peer_port = free_port()
         client_url = f"http://{LOOPBACK}:{self.etcd_port}"
         peer_url = f"http://{LOOPBACK}:{peer_port}"
         self._spawn(
@@ -725,7 +725,7 @@ class ControlPlane:
     def _start_controller_manager(self, bin_dir: Path) -> None:
         work, pki = self._work(), self._work() / "pki"
         kubeconfig = work / "controller-manager.kubeconfig"
-        self._kcm_port = _free_port()
+        self._kcm_port = free_port()
         self._spawn(
             "kube-controller-manager",
             [
@@ -751,7 +751,7 @@ class ControlPlane:
     def _start_scheduler(self, bin_dir: Path) -> None:
         work = self._work()
         kubeconfig = work / "scheduler.kubeconfig"
-        self._scheduler_port = _free_port()
+        self._scheduler_port = free_port()
         self._spawn(
             "kube-scheduler",
             [
@@ -771,7 +771,7 @@ class ControlPlane:
     def _start_kwok(self, bin_dir: Path) -> None:
         work = self._work()
         key, value = KWOK_NODE_ANNOTATION
-        self._kwok_port = _free_port()
+        self._kwok_port = free_port()
         self._spawn(
             "kwok",
             [

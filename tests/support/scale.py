@@ -18,14 +18,13 @@ import json
 import os
 import platform
 import re
-import socket
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tests.support.controlplane import ControlPlane, amx_nodes, ensure_binaries
+from tests.support.controlplane import ControlPlane, amx_nodes, ensure_binaries, free_port
 from tests.support.jobs import job, volume
 from tests.support.operator import OperatorProcess, install_crds
 
@@ -85,12 +84,10 @@ class ScaleReport:
 
 
 def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            flags = Path("/proc/cpuinfo").read_text()
-            amx = " with AMX" if "amx_tile" in flags else ""
-            return f"{line.split(':', 1)[1].strip()}{amx}, {os.cpu_count()} cores"
-    return platform.processor()
+    info = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    amx = " with AMX" if "amx_tile" in info else ""
+    return f"{model.group(1) if model else platform.processor()}{amx}, {os.cpu_count()} cores"
 
 
 def _proc_rss_mib(pid: int) -> float:
@@ -232,11 +229,6 @@ def run_scale(cp: ControlPlane, jobs: int, workers: int, nodes: int, metrics_por
     finally:
         operator.stop()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def baseline_bound_seconds(cp: ControlPlane, pods: int, nodes: int,
