@@ -125,6 +125,8 @@ class ExportCompleted(Event):
     openvino: str | None = None
     source: str | None = None  # "pipeline", "embeddings" or "lora": what was exported
     weights: str | None = None  # the embedding or LoRA file added to the base model
+    export_cache: str | None = None  # "hit", "stored", or None (exported in full)
+    export_seconds: float | None = None
     samples: str | None = None
     grid: str | None = None
     image_paths: list[str] = []

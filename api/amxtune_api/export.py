@@ -20,6 +20,7 @@ from enum import StrEnum
 from pydantic import Field, field_validator, model_validator
 
 from amxtune_api.base import ApiModel, NonBlank, cel
+from amxtune_api.kube import Name, check_sub_path, sub_path_rule
 from amxtune_api.training import MULTIPLE_OF_8
 
 
@@ -113,6 +114,35 @@ class GenerationOptions(ApiModel):
         return value if value and value.strip() else None
 
 
+class ExportCache(ApiModel):
+    """Where base-model exports are kept for reuse. A textual inversion changes only the text
+    encoder's token table, so its export copies the cached export of the base model (made once
+    per model content, export options and library versions) with the token added, instead of
+    converting the whole pipeline again; the images are the same as a fresh export's. A LoRA
+    changes the UNet and is always exported in full."""
+
+    model_config = cel(sub_path_rule("path"), "path must be a relative path inside the volume, "
+                       "without '..'")
+
+    enabled: bool = Field(default=True, description="false: export every job in full.")
+    claim_name: Name | None = Field(
+        default=None,
+        description="Claim holding the cache; by default the claim of the trained output "
+        "(so jobs writing to one claim share it). Name a ReadWriteMany claim to share one "
+        "cache between jobs with claims of their own.",
+    )
+    path: str = Field(
+        default=".amxtune-cache/openvino", min_length=1, max_length=1024,
+        description="Folder inside the claim.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, value: str) -> str:
+        check_sub_path(value)
+        return value
+
+
 class ExportSpec(GenerationOptions):
     """`spec.export` of a FineTuneJob (and the work of an InferenceJob): export the result to
     OpenVINO with `openvino`, then render `prompts` with it into samples/."""
@@ -126,6 +156,10 @@ class ExportSpec(GenerationOptions):
     openvino: OpenVINOExportOptions = Field(
         default_factory=OpenVINOExportOptions,
         description="Static shape and weight format of the exported pipeline.",
+    )
+    cache: ExportCache = Field(
+        default_factory=ExportCache,
+        description="Reuse one export of the base model for every textual inversion of it.",
     )
 
     @model_validator(mode="after")

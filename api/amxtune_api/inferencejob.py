@@ -21,7 +21,9 @@ class InferenceSource(ApiModel):
         "(lora)."
     )
     model: ModelSource | None = Field(
-        default=None, description="Base model, needed when the folder has no pipeline/."
+        default=None, description="Base model: needed when the folder has no pipeline/; with "
+        "the export cache, a textual inversion is exported from it (and the cached export of "
+        "it) even when there is a pipeline/."
     )
     embeddings: str = Field(
         default="learned_embeds.safetensors", min_length=1,
@@ -62,6 +64,11 @@ class InferenceTask(ExportSpec):
     embeddings: str = "learned_embeds.safetensors"
     lora: str | None = None
     output_dir: str = Field(min_length=1)
+    cache: None = Field(default=None, exclude=True,
+                        description="The spec's cache is given as cache_dir.")
+    cache_dir: str | None = Field(
+        default=None, description="Folder of cached base exports (spec.export.cache, as a "
+        "path in the pod); none: export in full. Used for a base model plus embeddings.")
     concept_dir: str | None = Field(
         default=None, description="Images of the concept (amxtune run has them at hand): "
         "generation.json then scores how much the samples look like them.")
@@ -80,6 +87,11 @@ class InferenceJobStatus(ApiModel):
         "with the LoRA adapters fused in).")
     weights: str | None = Field(
         default=None, description="The embedding or LoRA file added to the base model.")
+    export_cache: str | None = Field(
+        default=None, description="'hit': the base model's cached export was reused; "
+        "'stored': it was exported now and cached for the next job; unset: exported in full.")
+    export_seconds: float | None = Field(
+        default=None, description="Wall time of the export (not the rendering).")
     grid: str | None = None
     images: int | None = None
     image_paths: list[str] = Field(

@@ -170,15 +170,23 @@ class LocalPlan:
 
     def inference_task(self) -> dict:
         assert self.spec.export is not None
+        export = self.spec.export
         pipeline = self.output_dir / "pipeline"
-        fields = set(InferenceTask.model_fields) & set(type(self.spec.export).model_fields)
+        lora = self.spec.method == Method.lora
+        cache_dir = None
+        if export.cache.enabled:
+            # the output folder stands for the output claim; another claim is a folder as usual
+            root = (self.volumes.get(export.cache.claim_name, self.base / export.cache.claim_name)
+                    if export.cache.claim_name else self.output_dir.parent)
+            cache_dir = str(root / export.cache.path)
+        fields = set(InferenceTask.model_fields) & set(type(export).model_fields) - {"cache"}
         return InferenceTask(
-            **self.spec.export.model_dump(include=fields),
+            **export.model_dump(include=fields),
             source_dir=str(self.output_dir),
-            base_model=None if pipeline.is_dir() else self.model,
+            base_model=None if pipeline.is_dir() and (lora or not cache_dir) else self.model,
             revision=self.spec.model.revision,
-            lora=LORA_FILE if self.spec.method == Method.lora and not pipeline.is_dir()
-            else None,
+            lora=LORA_FILE if lora and not pipeline.is_dir() else None,
+            cache_dir=None if lora else cache_dir,
             output_dir=str(self.output_dir),
             concept_dir=str(self.data_dir),
         ).to_wire()

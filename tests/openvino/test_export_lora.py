@@ -56,7 +56,8 @@ def ov_lora(tiny_model, lora_weights, workdir) -> Path:
     output = workdir / "lora" / "openvino"
     assert main(["export-openvino", "--model", str(tiny_model), "--lora-weights",
                  str(lora_weights.parent), "-o", str(output), "--height", str(SIZE),
-                 "--width", str(SIZE), "--batch-size", "2"]) == 0
+                 "--width", str(SIZE), "--batch-size", "2",
+                 "--cache", str(workdir / "lora-cache")]) == 0
     return output
 
 
@@ -66,7 +67,10 @@ def test_the_fused_export_renders_what_pytorch_renders_with_the_adapters(ov_lora
     from amxtune_trainer.generate import load_pytorch_pipeline, render
     from amxtune_trainer.outputs import fuse_lora
 
-    assert read_export_metadata(ov_lora)["lora_weights"] == str(lora_weights)
+    metadata = read_export_metadata(ov_lora)
+    assert metadata["lora_weights"] == str(lora_weights)
+    # adapters change the UNet: exported in full, the cache neither read nor written
+    assert metadata["cache"] is None and not (ov_lora.parent.parent / "lora-cache").exists()
     options = GenerationOptions(prompts=["a photo of sks toy", "a photo"],
                                 num_inference_steps=5)
     latents = _latents(2)

@@ -1,5 +1,6 @@
 """Rendering: golden files for whole manifests, and the resource math for several sizes."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from amxtune import manifest
 from amxtune.render import JobIdentity, RenderError, rank_layout, render_finetunejob
 from amxtune.render.inferencejob import inference_job_for, render_inferencejob
 from amxtune.settings import Settings
+from amxtune_api.export import ExportCache
 from amxtune_api.finetunejob import FineTuneJobSpec
 
 pytestmark = pytest.mark.unit
@@ -131,8 +133,37 @@ def test_inference_job_for_a_finetunejob_uses_its_output_and_prompts():
     assert body["metadata"]["name"] == "dicoo-export"
     assert body["spec"]["source"]["pvc"] == {"claimName": "dicoo-output", "path": "dicoo"}
     assert body["spec"]["prompts"] == item.spec.export.prompts
-    # saveAsFullPipeline: the export starts from pipeline/, no base model needed
+    # a textual inversion is exported from the base model's cached export, pipeline/ or not
+    assert body["spec"]["source"]["model"] == item.spec.model.to_wire()
+    # without the cache, saveAsFullPipeline: the export starts from pipeline/, no base model
+    export = item.spec.export.model_copy(update={"cache": ExportCache(enabled=False)})
+    body = inference_job_for(identity, item.spec.model_copy(update={"export": export}),
+                             "dicoo-output")
     assert "model" not in body["spec"]["source"]
+
+
+def test_export_cache_on_the_source_claim_or_a_claim_of_its_own():
+    item = manifest.load(HERE / "manifests" / "inferencejob.yaml")[0]
+    identity = JobIdentity(item.identity.name, "default", "u", "InferenceJob")
+
+    def rendered(**cache):
+        spec = item.spec.model_copy(update={"cache": ExportCache(**cache)})
+        objects = render_inferencejob(identity, spec, Settings())
+        task = json.loads(objects.config_map["data"]["inference.json"])
+        container = objects.pod["spec"]["containers"][0]
+        claims = {v["persistentVolumeClaim"]["claimName"]: v["name"]
+                  for v in objects.pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        return task, claims, mounts
+
+    task, claims, mounts = rendered()
+    assert task["cacheDir"] == "/output/.amxtune-cache/openvino" and "cache" not in task
+    assert "export-cache" not in mounts
+    task, claims, mounts = rendered(claimName="openvino-cache", path="sd15")
+    assert task["cacheDir"] == "/cache/sd15"
+    assert claims["openvino-cache"] == "export-cache" and mounts["export-cache"] == "/cache"
+    task, claims, mounts = rendered(enabled=False)
+    assert "cacheDir" not in task and "export-cache" not in mounts
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ from amxtune_api.export import OpenVINOExportOptions, WeightFormat
 from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 from amxtune_trainer.errors import UserError
 from amxtune_trainer.export_sources import (
+    check_embeddings,
     pipeline_with_embeddings,
     pipeline_with_lora,
     resolve_embeddings,
@@ -89,6 +91,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--revision", help="Hub revision of --model.")
     parser.add_argument(
+        "--cache",
+        help="Folder of base-model exports: --model (a base model, with --learned-embeds or "
+        "alone) is exported once per content, options and library versions, and reused after "
+        "(the learned token spliced into the cached text encoder). Not used with "
+        "--lora-weights.",
+    )
+    parser.add_argument(
         "--output", "-o", required=True, help="Folder to create with the OpenVINO pipeline."
     )
     parser.add_argument(
@@ -123,7 +132,12 @@ def run(args: argparse.Namespace) -> int:
         lora_weights=lora,
         revision=args.revision,
         overwrite=args.overwrite,
+        cache=Path(args.cache).expanduser() if args.cache else None,
     )
+    cache = metadata["cache"]
+    if cache:
+        print(f"base export {'reused from' if cache['hit'] else 'stored in'} {cache['entry']}",
+              flush=True)
     sizes = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in metadata["weight_bytes"].items())
     print(
         f"exported {args.model} to {output} in {time.perf_counter() - started:.1f} s: "
@@ -144,6 +158,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "optimum", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError):  # NNCF's own level also hides its tables and bars
+        import nncf
+
+        nncf.set_log_level(logging.ERROR)
     # Tracing the models for OpenVINO warns about every data-dependent branch (dozens of lines);
     # they would bury a real error in the pod log and in the operator's failure event.
     try:
@@ -181,28 +199,42 @@ def export_openvino(
     lora_weights: Path | None = None,
     revision: str | None = None,
     overwrite: bool = False,
+    cache: Path | None = None,
 ) -> dict:
     """Export `source` (+ `learned_embeds`, or with `lora_weights` fused in) into `output`
-    atomically; return the metadata."""
+    atomically; return the metadata. With `cache`, a base model (+ embeddings) is exported
+    once into the cache and copied from there (export_cache.py); LoRA adapters change the UNet,
+    so a LoRA is always exported in full."""
+    from amxtune_trainer.export_cache import base_export, export_with_embeddings
+
     output = Path(output).absolute()
     created_parent = _make_parents(output.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    started = time.perf_counter()
     try:
         tokens: list[str] = []
-        convert_from = source
-        if learned_embeds is not None:
-            convert_from, tokens = pipeline_with_embeddings(
-                source, learned_embeds, token, revision, staging / "source"
-            )
-        elif lora_weights is not None:
-            convert_from = pipeline_with_lora(source, lora_weights, revision,
-                                               staging / "source")
         target = staging / "openvino"
-        changed = convert_from != source
-        pipe = convert(convert_from, options.weight_format, revision=None if changed else revision)
-        make_static(pipe, options)
-        pipe.save_pretrained(str(target))
-        del pipe
+        cached = None
+        if cache is not None and lora_weights is None and Path(source).is_dir():
+            if learned_embeds is not None:
+                check_embeddings(learned_embeds, token, source)
+            cached = base_export(Path(cache).absolute(), Path(source), options)
+            if learned_embeds is not None:
+                tokens = export_with_embeddings(cached, target, options, learned_embeds, token)
+            else:
+                shutil.copytree(cached.export, target)
+                (target / EXPORT_METADATA).unlink()
+        else:
+            convert_from = source
+            if learned_embeds is not None:
+                convert_from, tokens = pipeline_with_embeddings(
+                    source, learned_embeds, token, revision, staging / "source"
+                )
+            elif lora_weights is not None:
+                convert_from = pipeline_with_lora(source, lora_weights, revision,
+                                                   staging / "source")
+            changed = convert_from != source
+            export_base(convert_from, target, options, revision=None if changed else revision)
         write_slow_tokenizer_files(target / "tokenizer")
         _check_tokens(target / "tokenizer", tokens)
         metadata = {
@@ -213,8 +245,10 @@ def export_openvino(
             "lora_weights": str(lora_weights) if lora_weights else None,
             "placeholder_tokens": tokens,
             "static": True,
+            "cache": cached.describe() if cached else None,
+            "seconds": round(time.perf_counter() - started, 1),
             "weight_bytes": weight_bytes(target),
-            "versions": _versions(),
+            "versions": library_versions(),
         }
         (target / EXPORT_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         if output.exists():
@@ -229,6 +263,21 @@ def export_openvino(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_base(source: str, target: Path, options: OpenVINOExportOptions, *,
+                revision: str | None = None, plain_text_encoder: Path | None = None) -> None:
+    """Convert `source` and save it static, in the weight format, into `target`; with
+    `plain_text_encoder`, also save the text encoder there before its weights are compressed."""
+    pipe = convert(source, revision=revision)
+    make_static(pipe, options)
+    if plain_text_encoder is not None:
+        import openvino
+
+        openvino.save_model(pipe.text_encoder.model, plain_text_encoder / "openvino_model.xml",
+                            compress_to_fp16=False)
+    set_weight_format(pipe, options.weight_format)
+    pipe.save_pretrained(str(target))
 
 
 def _make_parents(folder: Path) -> Path | None:
@@ -252,23 +301,68 @@ def _remove_empty(topmost: Path | None) -> None:
         topmost.rmdir()
 
 
-def convert(source: str, weight_format: str, revision: str | None = None):
-    """optimum-intel conversion to an (uncompiled, dynamic) OVStableDiffusionPipeline."""
-    from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+def convert(source: str, revision: str | None = None):
+    """optimum-intel conversion to an (uncompiled, dynamic) fp32 OVStableDiffusionPipeline."""
+    from optimum.intel import OVStableDiffusionPipeline
 
     kwargs: dict = {"export": True, "compile": False, "load_in_8bit": False}
     if revision:
         kwargs["revision"] = revision
-    if weight_format == WeightFormat.int8:
-        # int8_asym, one scale and zero point per output channel, for every model.
-        kwargs["quantization_config"] = OVWeightQuantizationConfig(bits=8, sym=False)
     try:
-        pipe = OVStableDiffusionPipeline.from_pretrained(source, **kwargs)
+        return OVStableDiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as error:  # hub id not found / offline
         raise UserError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
+
+
+def apply_weight_format(models, weight_format: str) -> list:
+    """`models` (openvino.Model) with their weights stored as `weight_format`; fp32 leaves them.
+
+    Done after conversion, one model at a time, so that a cached base export's text encoder,
+    given new tokens, goes through exactly what a fresh export's went through
+    (export_cache.py). fp16 is optimum's `half()` transformation; int8 is NNCF's asymmetric
+    8-bit per-channel compression of every layer, embeddings included.
+    """
+    if weight_format == WeightFormat.fp32:
+        return list(models)
     if weight_format == WeightFormat.fp16:
-        pipe.half()
-    return pipe
+        from openvino._offline_transformations import compress_model_transformation  # half()
+
+        for model in models:
+            compress_model_transformation(model)
+        return list(models)
+    import nncf
+
+    # NNCF draws a progress bar per model on stdout whatever its log level: not in a pod log.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return [nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                for model in models]
+
+
+def set_weight_format(pipe, weight_format: str) -> None:
+    """Store every model of the pipeline's weights as `weight_format` (see apply_weight_format);
+    the text encoder is folded first in every format (see text_encoder_in_format)."""
+    for name, component in pipe.components.items():
+        if name == "text_encoder":
+            component.model = text_encoder_in_format(component.model, weight_format)
+        elif getattr(component, "model", None) is not None:
+            component.model = apply_weight_format([component.model], weight_format)[0]
+    pipe.clear_requests()
+
+
+def text_encoder_in_format(model, weight_format: str):
+    """The text encoder with constants folded, then its weights in `weight_format`.
+
+    Folded first so that a token table that was extended by appending rows (a cached export
+    given a textual inversion, export_cache.py) is one table again, and so that the same
+    constants are compressed whether the rows were converted with the model or appended later
+    (folding turns the position embedding's lookup into a constant, which is then not
+    compressed, in both cases)."""
+    from openvino.passes import ConstantFolding, Manager
+
+    passes = Manager()
+    passes.register_pass(ConstantFolding())
+    passes.run_passes(model)
+    return apply_weight_format([model], weight_format)[0]
 
 
 def make_static(pipe, options: OpenVINOExportOptions) -> None:
@@ -339,7 +433,7 @@ def _check_tokens(folder: Path, tokens: list[str]) -> None:
         raise RuntimeError(f"exported tokenizer lost the placeholder token(s) {missing}")
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}

@@ -151,21 +151,30 @@ def pipeline_with_lora(source: str, weights: Path, revision: str | None, folder:
     return str(folder.absolute())
 
 
+def check_embeddings(embeds: Path, token: str | None, source: str) -> None:
+    """A UserError unless `embeds` can be added to the base model `source` (a local folder):
+    one embedding when `token` renames it, each as wide as the text encoder's token table."""
+    tensors = read_embeddings(embeds)
+    if token and len(tensors) != 1:
+        raise UserError(f"--token needs a file with one embedding; {embeds} has {len(tensors)}")
+    config = Path(source) / "text_encoder" / "config.json"
+    if not config.is_file():
+        return  # a hub id: checked when the text encoder is loaded
+    width = json.loads(config.read_text())["hidden_size"]
+    for name, tensor in tensors.items():
+        if tensor.shape[-1] != width:
+            raise UserError(
+                f"{embeds}: embedding {name!r} has dimension {tensor.shape[-1]}, but the text "
+                f"encoder of {source} uses {width}: trained for another base model?"
+            )
+
+
 def pipeline_with_embeddings(
     source: str, embeds: Path, token: str | None, revision: str | None, folder: Path
 ) -> tuple[str, list[str]]:
     """Save `source` with the embedding's token(s) added into `folder`; return it and the tokens."""
-    tensors = read_embeddings(embeds)
-    if token and len(tensors) != 1:
-        raise UserError(f"--token needs a file with one embedding; {embeds} has {len(tensors)}")
+    check_embeddings(embeds, token, source)
     pipe = load_fp32(source, revision)
-    dim = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
-    for name, tensor in tensors.items():
-        if tensor.shape[-1] != dim:
-            raise UserError(
-                f"{embeds}: embedding {name!r} has dimension {tensor.shape[-1]}, but the text "
-                f"encoder of {source} uses {dim}: trained for another base model?"
-            )
     before = set(pipe.tokenizer.get_vocab())
     try:
         pipe.load_textual_inversion(str(embeds), token=token)

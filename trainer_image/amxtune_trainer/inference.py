@@ -1,7 +1,8 @@
 """`amxtune-train inference --config TASK`: the InferenceJob pod's work, in one command.
 
 Exports the trained result (SOURCE/pipeline, or the base model plus the learned embeddings, or
-with the LoRA weights fused in) to SOURCE/openvino with `export-openvino`, renders the prompts
+with the LoRA weights fused in) to SOURCE/openvino with `export-openvino` (a base model plus
+embeddings through the export cache when the task has one), renders the prompts
 into SOURCE/samples with `generate`, and prints one JSON line `{"event": "completed", ...}`
 that the operator reads into the InferenceJob's status. The task file is
 amxtune_api.inferencejob.InferenceTask, written by the operator (and by `amxtune run`).
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from amxtune_api.events import ExportCompleted
     from amxtune_api.export import GenerationOptions
     from amxtune_api.inferencejob import InferenceTask
+    from amxtune_trainer.export import read_export_metadata
     from amxtune_trainer.generate import METADATA_NAME
     from amxtune_trainer.options import read_config_file
 
@@ -70,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
     pipeline = source / "pipeline"
     export_argv = ["--output", str(openvino), "--overwrite", *model_to_flags(task.openvino)]
     source_kind, weights_file = "pipeline", None
-    if (pipeline / "model_index.json").is_file():
+    # A textual inversion over a known base model is exported from the base (its cached export)
+    # when there is a cache, even if the trainer also saved a full pipeline: same pixels, and
+    # only the text encoder's token table is new.
+    from_cached_base = bool(task.cache_dir and task.base_model and not task.lora
+                            and (source / task.embeddings).is_file())
+    if (pipeline / "model_index.json").is_file() and not from_cached_base:
         export_argv += ["--model", str(pipeline)]
     else:
         if not task.base_model:
@@ -83,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         source_kind, weights_file = ("lora" if task.lora else "embeddings"), str(weights)
         if task.revision:
             export_argv += ["--revision", task.revision]
+        if from_cached_base:
+            export_argv += ["--cache", str(task.cache_dir)]
     _run_subcommand("export-openvino", export_argv)
 
     generation = GenerationOptions.model_validate(
@@ -96,10 +105,14 @@ def run(args: argparse.Namespace) -> int:
             generation.baseline.text] if generation.baseline else []),
          *(["--concept-dir", task.concept_dir] if task.concept_dir else [])],
     )
+    exported = read_export_metadata(openvino) or {}
+    cache = exported.get("cache")
     rendered = json.loads((samples / METADATA_NAME).read_text())
     similarity = rendered.get("concept_similarity")
     print(ExportCompleted(
         openvino=str(openvino), source=source_kind, weights=weights_file,
+        export_cache=("hit" if cache["hit"] else "stored") if cache else None,
+        export_seconds=exported.get("seconds"),
         samples=str(samples), grid=str(samples / rendered["grid"]),
         image_paths=[str(samples / image["file"]) for image in rendered["images"]],
         images=rendered["num_images"], seconds_per_image=rendered["seconds_per_image"],

@@ -74,6 +74,8 @@ class InferenceJobController(Reconciler):
                 exportedModel=result.openvino,
                 exportedFrom=result.source,
                 weights=result.weights,
+                exportCache=result.export_cache,
+                exportSeconds=result.export_seconds,
                 grid=result.grid,
                 images=result.images,
                 imagePaths=result.image_paths[:64] or None,

@@ -45,16 +45,30 @@ def inference_task(spec: InferenceJobSpec) -> InferenceTask:
             if spec.source.model.pvc is not None
             else spec.source.model.name
         )
-    export_fields = set(InferenceTask.model_fields) & set(InferenceJobSpec.model_fields)
+    export_fields = set(InferenceTask.model_fields) & set(InferenceJobSpec.model_fields) - {"cache"}
     return InferenceTask(
         **spec.model_dump(include=export_fields),
         source_dir=source_dir,
+        cache_dir=cache_dir(spec),
         base_model=base,
         revision=spec.source.model.revision if spec.source.model else None,
         embeddings=spec.source.embeddings,
         lora=spec.source.lora,
         output_dir=source_dir,
     )
+
+
+CACHE_MOUNT = "/cache"
+
+
+def cache_dir(spec: InferenceJobSpec) -> str | None:
+    """The export cache's folder in the pod: on the source claim, or on a claim of its own
+    (mounted at CACHE_MOUNT)."""
+    cache = spec.cache
+    if not cache.enabled:
+        return None
+    separate = cache.claim_name not in (None, spec.source.pvc.claim_name)
+    return f"{CACHE_MOUNT if separate else OUTPUT_MOUNT}/{cache.path.strip('/')}"
 
 
 def render_inferencejob(
@@ -80,6 +94,9 @@ def render_inferencejob(
         {"name": "HF_HOME", "value": HF_HOME},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.cache.enabled and spec.cache.claim_name not in (None, spec.source.pvc.claim_name):
+        mounts.append({"name": "export-cache", "mountPath": CACHE_MOUNT})
+        volumes.append(volume_for_pvc("export-cache", spec.cache.claim_name))
     model = spec.source.model
     if model is not None and model.pvc is not None:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
@@ -114,10 +131,12 @@ def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str,
     the claim and folder the run recorded in status.outputs (`path`; else the spec's)."""
     assert spec.export is not None
     source: dict = {"pvc": {"claimName": claim_name, "path": path or output_path(job, spec)}}
-    if not spec.training.save_as_full_pipeline:
-        source["model"] = spec.model.to_wire()
-        if spec.method == Method.lora:
+    if spec.method == Method.lora:
+        if not spec.training.save_as_full_pipeline:
+            source["model"] = spec.model.to_wire()
             source["lora"] = LORA_FILE
+    elif spec.export.cache.enabled or not spec.training.save_as_full_pipeline:
+        source["model"] = spec.model.to_wire()  # the cache works from the base model
     runtime: dict = {"resources": spec.workers.resources.to_wire()}
     if spec.runtime.image:
         runtime["image"] = spec.runtime.image
