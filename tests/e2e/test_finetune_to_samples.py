@@ -145,7 +145,10 @@ def test_finetunejob_survives_a_killed_worker_then_exports_and_renders(control_p
     inference = cp.get("infj", "robot-export", namespace)["status"]
     assert inference["phase"] == "Succeeded"
     assert inference["images"] == 1 and inference["secondsPerImage"] > 0
-    assert inference["exportedFrom"] in ("pipeline", "embeddings")
+    # the base model's export went into the cache on the output volume, the token onto it
+    assert inference["exportedFrom"] == "embeddings" and inference["exportCache"] == "stored"
+    assert inference["exportSeconds"] > 0
+    assert [p for p in (output / ".amxtune-cache" / "openvino").iterdir() if p.is_dir()]
     # the job points at the export and the samples (kept by the apiserver's schema)
     assert final["outputs"]["embeddings"] == "robot/learned_embeds.safetensors"
     assert final["outputs"]["openvino"] == inference["exportedModel"]
