@@ -150,23 +150,18 @@ def export_with_embeddings(entry: CacheEntry, target: Path, options: OpenVINOExp
     the tokens added."""
     import openvino
 
-    from amxtune_trainer.errors import UserError
     from amxtune_trainer.export import (
         EXPORT_METADATA,
         load_openvino_pipeline,
         text_encoder_in_format,
     )
+    from amxtune_trainer.export_sources import add_tokens
 
     pipe = load_openvino_pipeline(entry.export, compile=False)
     if options.weight_format != WeightFormat.fp32:
         pipe.text_encoder.model = openvino.Core().read_model(
             entry.folder / PLAIN_TEXT_ENCODER / "openvino_model.xml")
-    before = set(pipe.tokenizer.get_vocab())
-    try:
-        pipe.load_textual_inversion(str(embeds), token=token)
-    except ValueError as error:
-        raise UserError(f"cannot add {embeds} to the base model: {error}") from None
-    tokens = sorted(set(pipe.tokenizer.get_vocab()) - before)
+    tokens = add_tokens(pipe, embeds, token, "the base model")
     text_encoder = text_encoder_in_format(pipe.text_encoder.model, options.weight_format)
     # Everything but the text encoder and the tokenizer is the base export's, file for file:
     # hard links where the cache and the target share a file system (writing 4 GiB again took

@@ -175,15 +175,21 @@ def pipeline_with_embeddings(
     """Save `source` with the embedding's token(s) added into `folder`; return it and the tokens."""
     check_embeddings(embeds, token, source)
     pipe = load_fp32(source, revision)
+    tokens = add_tokens(pipe, embeds, token, source)
+    pipe.save_pretrained(str(folder))
+    write_slow_tokenizer_files(folder / "tokenizer")
+    return str(folder.absolute()), tokens
+
+
+def add_tokens(pipe, embeds: Path, token: str | None, base: str) -> list[str]:
+    """Load the embedding into a pipeline (diffusers', or optimum-intel's OpenVINO one: the same
+    call); return the tokens it added to the vocabulary."""
     before = set(pipe.tokenizer.get_vocab())
     try:
         pipe.load_textual_inversion(str(embeds), token=token)
     except ValueError as error:
-        raise UserError(f"cannot add {embeds} to {source}: {error}") from None
-    tokens = sorted(set(pipe.tokenizer.get_vocab()) - before)
-    pipe.save_pretrained(str(folder))
-    write_slow_tokenizer_files(folder / "tokenizer")
-    return str(folder.absolute()), tokens
+        raise UserError(f"cannot add {embeds} to {base}: {error}") from None
+    return sorted(set(pipe.tokenizer.get_vocab()) - before)
 
 
 def write_slow_tokenizer_files(folder: Path) -> None:
