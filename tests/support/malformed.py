@@ -84,6 +84,12 @@ CASES: list[tuple[str, str, dict, str]] = [
         "path": "/etc"}}}}, "data.pvc"),
     ("output-climbs", "an output path climbing out of the volume", {"spec": {"output": {
         "path": "runs/../../x"}}}, "output"),
+    ("export-cache-climbs", "an export cache folder climbing out of its volume",
+     {"spec": {"export": {"prompts": ["a <x>"], "cache": {"path": "../shared"}}}},
+     "export.cache"),
+    ("export-cache-claim", "an export cache claim that is not a DNS name",
+     {"spec": {"export": {"prompts": ["a <x>"], "cache": {"claimName": "Cache Claim"}}}},
+     "export.cache.claimName"),
     # --- the concept
     ("token-newline", "a placeholder token with a newline and a command",
      {"spec": {"textualInversion": {"placeholderToken": "<a>\n$(reboot)"}}},
