@@ -166,6 +166,9 @@ KINDS = [
         description="Exports a fine-tuned pipeline to OpenVINO and renders sample images.",
         columns=[
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Export", "type": "string", "jsonPath": ".status.exportCache",
+             "description": "hit: the base model's cached export was reused"},
+            {"name": "Export s", "type": "number", "jsonPath": ".status.exportSeconds"},
             {"name": "Images", "type": "integer", "jsonPath": ".status.images"},
             {"name": "Sec/Image", "type": "number", "jsonPath": ".status.secondsPerImage"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
