@@ -97,8 +97,11 @@ class LocalPlan:
             volumes[claim] = Path(folder).resolve()
         return volumes
 
+    def _claim_root(self, claim: str) -> Path:
+        return self.volumes.get(claim, self.base / claim)
+
     def _claim_dir(self, ref: PvcPath, field: str) -> Path:
-        folder = self.volumes.get(ref.claim_name, self.base / ref.claim_name) / ref.path
+        folder = self._claim_root(ref.claim_name) / ref.path
         if not folder.is_dir():
             raise LocalRunError(
                 f"{field}: claim {ref.claim_name!r} is the folder {folder} on this machine, which "
@@ -176,8 +179,8 @@ class LocalPlan:
         cache_dir = None
         if export.cache.enabled:
             # the output folder stands for the output claim; another claim is a folder as usual
-            root = (self.volumes.get(export.cache.claim_name, self.base / export.cache.claim_name)
-                    if export.cache.claim_name else self.output_dir.parent)
+            root = (self._claim_root(export.cache.claim_name) if export.cache.claim_name
+                    else self.output_dir.parent)
             cache_dir = str(root / export.cache.path)
         fields = set(InferenceTask.model_fields) & set(type(export).model_fields) - {"cache"}
         return InferenceTask(
@@ -186,7 +189,7 @@ class LocalPlan:
             base_model=None if pipeline.is_dir() and (lora or not cache_dir) else self.model,
             revision=self.spec.model.revision,
             lora=LORA_FILE if lora and not pipeline.is_dir() else None,
-            cache_dir=None if lora else cache_dir,
+            cache_dir=cache_dir,  # the inference command uses it for embeddings only
             output_dir=str(self.output_dir),
             concept_dir=str(self.data_dir),
         ).to_wire()

@@ -81,6 +81,10 @@ def test_a_cached_export_renders_the_pixels_of_a_fresh_export(tiny_model, learne
     assert TOKEN not in vocab(entries[0] / "openvino")
     assert "<other>" not in vocab(entries[0] / "openvino")
     assert "<other>" in vocab(tmp_path / "second") and TOKEN not in vocab(tmp_path / "second")
+    # the base alone, from the entry: no token, nothing converted
+    plain = export_openvino(str(tiny_model), tmp_path / "plain", options, cache=cache)
+    assert plain["cache"]["hit"] and plain["placeholder_tokens"] == []
+    assert TOKEN not in vocab(tmp_path / "plain") and "<other>" not in vocab(tmp_path / "plain")
     # the UNet is the entry's file (a hard link here), the text encoder a file of the job's own
     unet, text_encoder = "unet/openvino_model.bin", "text_encoder/openvino_model.bin"
     assert (tmp_path / "second" / unet).samefile(entries[0] / "openvino" / unet)
@@ -141,3 +145,14 @@ def test_inference_jobs_on_one_base_share_its_export(tiny_model, learned_embeds,
     assert first.source == second.source == "embeddings"
     assert second.export_seconds < first.export_seconds
     assert len(second.image_paths) == 1 and (second_job / "samples" / "grid.png").is_file()
+
+
+def test_quieting_the_libraries_does_not_import_nncf():
+    """NNCF takes ~3 s to import; `generate` and fp32/fp16 exports never need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from amxtune_trainer.export import quiet_libraries; quiet_libraries(); "
+            "print('nncf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -85,7 +85,7 @@ CASES: list[tuple[str, str, dict, str]] = [
     ("output-climbs", "an output path climbing out of the volume", {"spec": {"output": {
         "path": "runs/../../x"}}}, "output"),
     ("export-cache-climbs", "an export cache folder climbing out of its volume",
-     {"spec": {"export": {"prompts": ["a <x>"], "cache": {"path": "../shared"}}}},
+     {"spec": {"export": {"prompts": ["a <x>"], "cache": {"path": "../other-team"}}}},
      "export.cache"),
     ("export-cache-claim", "an export cache claim that is not a DNS name",
      {"spec": {"export": {"prompts": ["a <x>"], "cache": {"claimName": "Cache Claim"}}}},

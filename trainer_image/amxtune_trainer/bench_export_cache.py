@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="Keep everything here (default: a temporary folder).")
     args = parser.parse_args(argv)
 
-    from amxtune_trainer.cpu import read_proc_cpuinfo
+    from amxtune_trainer.cpu import probe
     from amxtune_trainer.export_sources import resolve_model
 
     base = resolve_model(args.model)
@@ -50,15 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_compare:
             fresh = run_job(workdir, 2, base, None, args, name="job-2-fresh")
             difference = max_pixel_difference(jobs[1]["samples"], fresh["samples"])
-    _, model_name, flags = read_proc_cpuinfo()
-    amx = "AMX" if {"amx_bf16", "amx_tile"} <= set(flags) else "no AMX"
     print("| job | export cache | export s | job s (wall) | share of job 1 |\n"
           "|---|---|---|---|---|")
     for n, job in enumerate(jobs, 1):
         print(f"| {n} | {job['export_cache']} | {job['export_seconds']:.1f} | "
               f"{job['seconds']:.1f} | {job['seconds'] / jobs[0]['seconds']:.1%} |")
     print(f"\nmodel {args.model}, {args.size} px, {args.weight_format} weights, 1 prompt × "
-          f"{args.steps} steps; {model_name} ({amx}), {os.cpu_count()} CPUs, load average "
+          f"{args.steps} steps; {probe().summary()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}")
     if difference is not None:
         print(f"job 2 vs a fresh export of the same embedding: max pixel difference "

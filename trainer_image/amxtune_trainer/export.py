@@ -158,10 +158,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "optimum", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):  # NNCF's own level also hides its tables and bars
-        import nncf
-
-        nncf.set_log_level(logging.ERROR)
     # Tracing the models for OpenVINO warns about every data-dependent branch (dozens of lines);
     # they would bury a real error in the pod log and in the operator's failure event.
     try:
@@ -205,7 +201,7 @@ def export_openvino(
     atomically; return the metadata. With `cache`, a base model (+ embeddings) is exported
     once into the cache and copied from there (export_cache.py); LoRA adapters change the UNet,
     so a LoRA is always exported in full."""
-    from amxtune_trainer.export_cache import base_export, export_with_embeddings
+    from amxtune_trainer.export_cache import base_export, export_from_entry
 
     output = Path(output).absolute()
     created_parent = _make_parents(output.parent)
@@ -219,11 +215,7 @@ def export_openvino(
             if learned_embeds is not None:
                 check_embeddings(learned_embeds, token, source)
             cached = base_export(Path(cache).absolute(), Path(source), options)
-            if learned_embeds is not None:
-                tokens = export_with_embeddings(cached, target, options, learned_embeds, token)
-            else:
-                shutil.copytree(cached.export, target)
-                (target / EXPORT_METADATA).unlink()
+            tokens = export_from_entry(cached, target, options, learned_embeds, token)
         else:
             convert_from = source
             if learned_embeds is not None:
@@ -314,8 +306,8 @@ def convert(source: str, revision: str | None = None):
         raise UserError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
 
 
-def apply_weight_format(models, weight_format: str) -> list:
-    """`models` (openvino.Model) with their weights stored as `weight_format`; fp32 leaves them.
+def apply_weight_format(model, weight_format: str):
+    """An openvino.Model with its weights stored as `weight_format`; fp32 leaves it.
 
     Done after conversion, one model at a time, so that a cached base export's text encoder,
     given new tokens, goes through exactly what a fresh export's went through
@@ -323,19 +315,20 @@ def apply_weight_format(models, weight_format: str) -> list:
     8-bit per-channel compression of every layer, embeddings included.
     """
     if weight_format == WeightFormat.fp32:
-        return list(models)
+        return model
     if weight_format == WeightFormat.fp16:
         from openvino._offline_transformations import compress_model_transformation  # half()
 
-        for model in models:
-            compress_model_transformation(model)
-        return list(models)
-    import nncf
+        compress_model_transformation(model)
+        return model
+    import logging
 
-    # NNCF draws a progress bar per model on stdout whatever its log level: not in a pod log.
+    import nncf  # (3 s to import: only here, not in quiet_libraries)
+
+    nncf.set_log_level(logging.ERROR)  # it sets its own level on import; no statistics table
+    # and it draws a progress bar on stdout whatever its level: not in a pod log
     with contextlib.redirect_stdout(io.StringIO()):
-        return [nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-                for model in models]
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
 
 
 def set_weight_format(pipe, weight_format: str) -> None:
@@ -345,7 +338,7 @@ def set_weight_format(pipe, weight_format: str) -> None:
         if name == "text_encoder":
             component.model = text_encoder_in_format(component.model, weight_format)
         elif getattr(component, "model", None) is not None:
-            component.model = apply_weight_format([component.model], weight_format)[0]
+            component.model = apply_weight_format(component.model, weight_format)
     pipe.clear_requests()
 
 
@@ -362,7 +355,7 @@ def text_encoder_in_format(model, weight_format: str):
     passes = Manager()
     passes.register_pass(ConstantFolding())
     passes.run_passes(model)
-    return apply_weight_format([model], weight_format)[0]
+    return apply_weight_format(model, weight_format)
 
 
 def make_static(pipe, options: OpenVINOExportOptions) -> None:

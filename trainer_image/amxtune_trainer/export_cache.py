@@ -117,7 +117,8 @@ def base_export(cache: Path, source: Path, options: OpenVINOExportOptions) -> Ca
 
     cache.mkdir(parents=True, exist_ok=True)
     known = _read_digests(cache)
-    key = cache_key(source, options, library_versions(), known)
+    versions = library_versions()
+    key = cache_key(source, options, versions, known)
     _write_digests(cache, known)
     folder = cache / key[:32]
     if (folder / ENTRY_FILE).is_file():
@@ -130,7 +131,7 @@ def base_export(cache: Path, source: Path, options: OpenVINOExportOptions) -> Ca
         export_base(str(source), staging / "openvino", options, plain_text_encoder=plain)
         (staging / ENTRY_FILE).write_text(json.dumps({
             "format": CACHE_FORMAT, "key": key, "source": str(source),
-            "options": options.to_wire(), "versions": library_versions(),
+            "options": options.to_wire(), "versions": versions,
             "export_seconds": round(time.perf_counter() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=2) + "\n")
@@ -144,10 +145,10 @@ def base_export(cache: Path, source: Path, options: OpenVINOExportOptions) -> Ca
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def export_with_embeddings(entry: CacheEntry, target: Path, options: OpenVINOExportOptions,
-                           embeds: Path, token: str | None) -> list[str]:
-    """Write the cached base export with the embedding's token(s) added into `target`; return
-    the tokens added."""
+def export_from_entry(entry: CacheEntry, target: Path, options: OpenVINOExportOptions,
+                      embeds: Path | None, token: str | None) -> list[str]:
+    """Write the cached base export, with the embedding's token(s) added if any, into
+    `target`; return the tokens added."""
     import openvino
 
     from amxtune_trainer.export import (
@@ -157,6 +158,10 @@ def export_with_embeddings(entry: CacheEntry, target: Path, options: OpenVINOExp
     )
     from amxtune_trainer.export_sources import add_tokens
 
+    if embeds is None:
+        shutil.copytree(entry.export, target, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(EXPORT_METADATA))
+        return []
     pipe = load_openvino_pipeline(entry.export, compile=False)
     if options.weight_format != WeightFormat.fp32:
         pipe.text_encoder.model = openvino.Core().read_model(

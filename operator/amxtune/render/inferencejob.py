@@ -61,14 +61,18 @@ def inference_task(spec: InferenceJobSpec) -> InferenceTask:
 CACHE_MOUNT = "/cache"
 
 
+def cache_claim(spec: InferenceJobSpec) -> str | None:
+    """The export cache's claim when it is not the source claim (then mounted at CACHE_MOUNT)."""
+    if spec.cache.enabled and spec.cache.claim_name not in (None, spec.source.pvc.claim_name):
+        return spec.cache.claim_name
+    return None
+
+
 def cache_dir(spec: InferenceJobSpec) -> str | None:
-    """The export cache's folder in the pod: on the source claim, or on a claim of its own
-    (mounted at CACHE_MOUNT)."""
-    cache = spec.cache
-    if not cache.enabled:
+    """The export cache's folder in the pod: on the source claim, or on a claim of its own."""
+    if not spec.cache.enabled:
         return None
-    separate = cache.claim_name not in (None, spec.source.pvc.claim_name)
-    return f"{CACHE_MOUNT if separate else OUTPUT_MOUNT}/{cache.path.strip('/')}"
+    return f"{CACHE_MOUNT if cache_claim(spec) else OUTPUT_MOUNT}/{spec.cache.path.strip('/')}"
 
 
 def render_inferencejob(
@@ -94,9 +98,9 @@ def render_inferencejob(
         {"name": "HF_HOME", "value": HF_HOME},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    if spec.cache.enabled and spec.cache.claim_name not in (None, spec.source.pvc.claim_name):
+    if claim := cache_claim(spec):
         mounts.append({"name": "export-cache", "mountPath": CACHE_MOUNT})
-        volumes.append(volume_for_pvc("export-cache", spec.cache.claim_name))
+        volumes.append(volume_for_pvc("export-cache", claim))
     model = spec.source.model
     if model is not None and model.pvc is not None:
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
