@@ -443,7 +443,7 @@ class LocalKubelet:
                 pv = self.core.read_persistent_volume(claim.spec.volume_name)
                 target = Path(pv.spec.host_path.path)
                 target.mkdir(parents=True, exist_ok=True)
-            elif mount["mountPath"] == "/dev/shm":
+            elif mount["mountPath"] in ("/dev/shm", "/tmp"):  # the process uses the machine's
                 continue
             else:  # emptyDir
                 target.mkdir(parents=True, exist_ok=True)

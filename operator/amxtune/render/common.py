@@ -78,8 +78,14 @@ def volume_for_pvc(name: str, claim: str, read_only: bool = False) -> dict:
     return {"name": name, "persistentVolumeClaim": source}
 
 
-# Every container amxtune runs: no privilege escalation, no capabilities.
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# Every container amxtune runs: no privilege escalation, no capabilities, a read-only root file
+# system (what a container writes goes to its pod's volumes: /tmp, the caches, the output).
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
 def pod(
@@ -97,8 +103,10 @@ def pod(
         **pod_spec,
         "securityContext": pod_security(settings),
     }
+    spec["volumes"] = [*spec.get("volumes", []), {"name": "tmp", "emptyDir": {}}]
     for container in spec["containers"]:
         container["securityContext"] = dict(CONTAINER_SECURITY)
+        container["volumeMounts"] = [*container.get("volumeMounts", []), dict(TMP_MOUNT)]
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
     if tolerations:

@@ -27,6 +27,9 @@ DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
 MODEL_MOUNT = "/models"
 HF_HOME = "/var/cache/huggingface"
+# Built-in models are written on first use; the pod's cache emptyDir is writable even where the
+# root file system is read-only (the trainer's default, ~/.cache/amxtune, is in the image).
+BUILTIN_MODEL_CACHE = f"{HF_HOME}/amxtune"
 LOGS_DIR = "logs"  # inside the job's output folder: failing ranks' tracebacks
 HOSTNAME_LABEL = "kubernetes.io/hostname"
 # spec.method -> the `amxtune-train` subcommand that trains it
@@ -133,6 +136,7 @@ def rank_environment(
         "AMXTUNE_NUM_NODES": str(spec.workers.nodes),
         "AMXTUNE_RANKS_PER_NODE": str(spec.workers.ranks_per_node),
         "HF_HOME": HF_HOME,
+        "AMXTUNE_CACHE": BUILTIN_MODEL_CACHE,
         "PYTHONUNBUFFERED": "1",
     }
     if preload:

@@ -14,6 +14,7 @@ from amxtune.render.common import (
     volume_for_pvc,
 )
 from amxtune.render.finetunejob import (
+    BUILTIN_MODEL_CACHE,
     CONFIG_MOUNT,
     HF_HOME,
     MODEL_MOUNT,
@@ -96,6 +97,7 @@ def render_inferencejob(
     ]
     env = [
         {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "AMXTUNE_CACHE", "value": BUILTIN_MODEL_CACHE},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if claim := cache_claim(spec):
