@@ -14,7 +14,7 @@ ifneq ($(EDITABLE_HERE),True)
 $(shell rm -f $(STAMP))
 endif
 
-.PHONY: install demo test lint crds
+.PHONY: install demo test lint crds images
 
 install: $(STAMP)
 
@@ -38,3 +38,8 @@ crds: install
 	$(VENV)/bin/amxtune crds --output crds
 	$(VENV)/bin/amxtune crds --output charts/amxtune/crds
 	$(VENV)/bin/amxtune crds --reference > docs/reference.md
+
+# localhost/amxtune-operator:dev and localhost/amxtune-trainer:dev with podman, from a base image
+# made locally (debootstrap); needs podman, debootstrap and runc (docs/development.md, "Images").
+images:
+	bash tools/images/build.sh

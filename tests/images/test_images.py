@@ -1,0 +1,169 @@
+"""The operator and trainer images as images: who they run as, what they answer, what the
+operator's rendered pods need of them (preloaded libraries, launchers), and a worker pod and
+the export pod the operator renders, run in the trainer image with a read-only root file
+system and only the pod's volumes writable."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amxtune.controller.state import last_json_line
+from amxtune.render import JobIdentity, render_finetunejob
+from amxtune.render.inferencejob import inference_job_for, render_inferencejob
+from amxtune.settings import Settings
+from amxtune_api.events import ExportCompleted, TrainingCompleted, TrainingStarted
+from amxtune_api.finetunejob import FineTuneJobSpec
+from amxtune_api.inferencejob import InferenceJobSpec
+from tests.support.images import OPERATOR_IMAGE, TRAINER_IMAGE, PodmanPod, run_in
+
+pytestmark = pytest.mark.images
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = Settings(trainer_image=TRAINER_IMAGE)
+LD_SO_WARNING = "ld.so"  # glibc: "ERROR: ld.so: object '...' from LD_PRELOAD cannot be preloaded"
+
+
+def chart_operator_user() -> int:
+    deployment = (ROOT / "charts" / "amxtune" / "templates" / "deployment.yaml").read_text()
+    line = next(line for line in deployment.splitlines() if "runAsUser:" in line)
+    return int(line.split(":")[1])
+
+
+def test_each_image_runs_as_the_user_its_pods_ask_for(images):
+    operator = run_in(OPERATOR_IMAGE, "-c", "import os; print(os.getuid(), os.getgid())",
+                      entrypoint="python")
+    assert operator.returncode == 0, operator.stderr
+    uid = chart_operator_user()
+    assert operator.stdout.split() == [str(uid), str(uid)], "the chart's runAsUser"
+
+    trainer = run_in(TRAINER_IMAGE, "id", "-u")
+    assert trainer.returncode == 0, trainer.stderr
+    assert int(trainer.stdout) == SETTINGS.run_as_user != 0, "the worker pods' runAsUser"
+
+
+def test_entry_points_answer(images):
+    operator = run_in(OPERATOR_IMAGE, "--help")
+    assert operator.returncode == 0, operator.stderr
+    assert "operator" in operator.stdout and "run" in operator.stdout
+    # the operator's own imports (kopf, kubernetes), not only the CLI's
+    wiring = run_in(OPERATOR_IMAGE, "-c", "import amxtune.controller.main", entrypoint="python")
+    assert wiring.returncode == 0, wiring.stderr
+
+    trainer = run_in(TRAINER_IMAGE, "amxtune-train", "--help")
+    assert trainer.returncode == 0, trainer.stderr
+    for command in ("textual-inversion", "lora", "launch", "export-openvino", "inference"):
+        assert command in trainer.stdout
+
+
+def rendered_preloads() -> list[str]:
+    """Every library a worker pod may be told to preload, from the rendered pods."""
+    paths: list[str] = []
+    for allocator in ("tcmalloc", "jemalloc"):
+        spec = job_spec(runtime={"memoryAllocator": allocator, "openMP": "iomp5"})
+        pod = render_finetunejob(JobIdentity("robot"), spec, SETTINGS).pods[0]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        paths += [p for p in env["LD_PRELOAD"].split(":") if p not in paths]
+    return paths
+
+
+def test_every_rendered_preload_exists_in_the_trainer_image_and_preloads_cleanly(images):
+    preloads = rendered_preloads()
+    assert len(preloads) == 3, preloads  # tcmalloc, jemalloc, libiomp5
+    for path in preloads:
+        found = run_in(TRAINER_IMAGE, "test", "-f", path)
+        assert found.returncode == 0, f"{path} (rendered into LD_PRELOAD) is not in the image"
+        loaded = run_in(TRAINER_IMAGE, "python", "-c", "import torch; torch.ones(2).sum()",
+                        extra=(f"--env=LD_PRELOAD={path}",))
+        assert loaded.returncode == 0, loaded.stderr
+        assert LD_SO_WARNING not in loaded.stderr, f"{path}: {loaded.stderr}"
+
+    # the check above can fail: a path that is not there warns on stderr
+    missing = run_in(TRAINER_IMAGE, "true", extra=("--env=LD_PRELOAD=/opt/amxtune/venv/lib/no.so",))
+    assert LD_SO_WARNING in missing.stderr and "/opt/amxtune/venv/lib/no.so" in missing.stderr
+
+
+def test_launchers_are_on_path(images):
+    found = run_in(TRAINER_IMAGE, "sh", "-c", "command -v mpirun && command -v torchrun")
+    assert found.returncode == 0, f"mpirun or torchrun missing:\n{found.stdout}{found.stderr}"
+    mpirun = run_in(TRAINER_IMAGE, "mpirun", "-V")
+    assert mpirun.returncode == 0, mpirun.stderr
+    assert "Intel(R) MPI Library" in mpirun.stdout
+    torchrun = run_in(TRAINER_IMAGE, "torchrun", "--help")
+    assert torchrun.returncode == 0, torchrun.stderr
+
+
+def manifest() -> dict:
+    """The demo's job on the random-weight tiny model: two ranks in one pod, a few steps."""
+    doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text()))
+    doc["spec"]["model"] = {"name": "tiny"}
+    doc["spec"]["textualInversion"] = {"placeholderToken": "<robot-toy>", "initializerToken": "toy"}
+    doc["spec"]["training"].update(maxTrainSteps=4, checkpointingSteps=2, loggingSteps=1,
+                                   conceptSimilarityImages=0, evalSamples=2)
+    doc["spec"]["workers"].update(ranksPerNode=2, resources={"cpu": "2", "memory": "4Gi"})
+    doc["spec"]["export"].update(openvino={"height": 64, "width": 64, "weightFormat": "fp32"},
+                                 prompts=["a photo of a <robot-toy> on the beach"],
+                                 numInferenceSteps=2)
+    doc["spec"]["export"].pop("baseline", None)
+    return doc
+
+
+def job_spec(**changes) -> FineTuneJobSpec:
+    spec = manifest()["spec"]
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return FineTuneJobSpec.model_validate(spec)
+
+
+def test_a_rendered_worker_pod_trains_and_the_export_pod_renders_in_the_trainer_image(
+        images, tmp_path):
+    job = JobIdentity("robot")
+    spec = job_spec()
+    objects = render_finetunejob(job, spec, SETTINGS)
+    data, output = tmp_path / "concepts", tmp_path / "output"
+    shutil.copytree(ROOT / "examples" / "concepts" / "robot", data / "robot")
+    output.mkdir()
+    worker = objects.pods[0]
+    env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
+    assert env.get("LD_PRELOAD"), "the default runtime preloads its allocator and OpenMP"
+    assert worker["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    trained = PodmanPod(
+        worker,
+        config_maps={objects.config_map["metadata"]["name"]: objects.config_map},
+        claims={"concepts": data, objects.output_claim_name: output},
+        workdir=tmp_path / "worker",
+        hosts={env["MASTER_ADDR"]: "127.0.0.1"},
+    ).run()
+    log = trained.stdout + trained.stderr
+    assert trained.returncode == 0, log[-6000:]
+    assert LD_SO_WARNING not in trained.stderr, trained.stderr[-3000:]
+    # what the operator reads from the pod's log
+    completed = TrainingCompleted.read(last_json_line(trained.stdout, "completed"))
+    assert completed is not None and completed.steps == 4, log[-4000:]
+    started = TrainingStarted.read(last_json_line(trained.stdout, "started"))
+    assert started is not None and started.world_size == 2, "both ranks of the pod took part"
+    assert completed.learned_embeds is not None
+    learned = Path(completed.learned_embeds.replace("/output", str(output), 1))
+    assert learned.is_file() and learned.stat().st_uid == SETTINGS.run_as_user
+
+    body = inference_job_for(job, spec, objects.output_claim_name)
+    inference = render_inferencejob(
+        JobIdentity(body["metadata"]["name"], kind="InferenceJob"),
+        InferenceJobSpec.model_validate(body["spec"]), SETTINGS,
+    )
+    exported = PodmanPod(
+        inference.pod,
+        config_maps={inference.config_map["metadata"]["name"]: inference.config_map},
+        claims={objects.output_claim_name: output},
+        workdir=tmp_path / "export",
+    ).run()
+    log = exported.stdout + exported.stderr
+    assert exported.returncode == 0, log[-6000:]
+    done = ExportCompleted.read(last_json_line(exported.stdout, "completed"))
+    assert done is not None and done.images == 1, log[-4000:]
+    assert done.export_cache == "stored"
+    for path in done.image_paths:
+        assert Path(path.replace("/output", str(output), 1)).is_file(), path

@@ -1,0 +1,198 @@
+"""The two images, built by tools/images/build.sh, and rendered pods run in them with podman.
+
+`ensure_images()` runs the build (seconds when podman's layer cache is warm) and fails with the
+build's own message (a missing podman or debootstrap, a failed step) instead of skipping.
+
+`PodmanPod` runs a pod the operator rendered the way a kubelet would run it, minus the node:
+the container's command with $(VAR) expanded from its env, the env itself, the pod's user and
+group, fsGroup on the writable volumes, the container's securityContext (capabilities, privilege
+escalation, a read-only root file system: then only the pod's volumes are writable), ConfigMaps
+as read-only files, emptyDirs and claims as folders the test owns. The network is the container's own
+network is a bridge of the test's own with no route out and no DNS (`eth0` inside, as in a
+pod, for the rendered GLOO_SOCKET_IFNAME); the rendered rendezvous name resolves to 127.0.0.1,
+so one pod talks only to itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amxtune.quantity import parse_quantity
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = ROOT / "tools" / "images" / "build.sh"
+OPERATOR_IMAGE = "localhost/amxtune-operator:dev"
+TRAINER_IMAGE = "localhost/amxtune-trainer:dev"
+TEST_NETWORK = "amxtune-test"
+ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AMXTUNE_CACHE", Path.home() / ".cache" / "amxtune")) / "images"
+
+
+def podman_env() -> dict[str, str]:
+    """The build script's podman configuration (runc, no default ulimits), for every call."""
+    return {**os.environ, "CONTAINERS_CONF": str(cache_dir() / "containers.conf")}
+
+
+class ImageBuildFailed(RuntimeError):
+    pass
+
+
+def ensure_images(timeout: float = 3600.0) -> list[str]:
+    proc = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise ImageBuildFailed(proc.stderr.strip()[-4000:] or f"exit code {proc.returncode}")
+    return proc.stdout.strip().splitlines()[-1].split()
+
+
+def podman(*args: str, timeout: float = 600.0, check: bool = False,
+           ) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        ["podman", *args], capture_output=True, text=True, timeout=timeout, env=podman_env()
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def pod_network() -> str:
+    """An internal bridge (no route out, no DNS) the tests own: containers get an eth0."""
+    if podman("network", "exists", TEST_NETWORK).returncode != 0:
+        created = podman("network", "create", "--internal", "--disable-dns", TEST_NETWORK)
+        if created.returncode != 0 and podman("network", "exists", TEST_NETWORK).returncode:
+            raise AssertionError(f"podman network create failed: {created.stderr}")
+    return TEST_NETWORK
+
+
+def run_in(image: str, *command: str, entrypoint: str | None = None,
+           extra: tuple[str, ...] = (), timeout: float = 600.0,
+           ) -> subprocess.CompletedProcess[str]:
+    """`podman run --rm` without network; `entrypoint` replaces the image's."""
+    args = ["run", "--rm", "--network=none", *extra]
+    if entrypoint is not None:
+        args.append(f"--entrypoint={entrypoint}")
+    return podman(*args, image, *command, timeout=timeout)
+
+
+@dataclass
+class PodmanPod:
+    """A rendered pod (one container) with its ConfigMaps, run with podman.
+
+    `claims` maps a claim name to the folder that plays its volume; emptyDirs get folders of
+    their own under `workdir`.
+    """
+
+    pod: dict
+    config_maps: dict[str, dict]
+    claims: dict[str, Path]
+    workdir: Path
+    hosts: dict[str, str] = field(default_factory=dict)
+
+    def _container(self) -> dict:
+        containers = self.pod["spec"]["containers"]
+        assert len(containers) == 1, "one container per amxtune pod"
+        return containers[0]
+
+    def environment(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for item in self._container().get("env", []):
+            assert "value" in item, f"{item['name']}: only literal values are run here"
+            env[item["name"]] = item["value"]
+        return env
+
+    def command(self) -> list[str]:
+        env = self.environment()
+        # Kubernetes expands $(VAR) from the container's env and leaves unknown ones as written.
+        return [
+            ENV_REF.sub(lambda m: env.get(m.group(1), m.group(0)), part)
+            for part in self._container()["command"]
+        ]
+
+    def _volume_args(self, fs_group: int | None) -> list[str]:
+        volumes = {v["name"]: v for v in self.pod["spec"].get("volumes", [])}
+        args: list[str] = []
+        for mount in self._container().get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            read_only = bool(mount.get("readOnly"))
+            if "configMap" in volume:
+                folder = self.workdir / "configmaps" / mount["name"]
+                folder.mkdir(parents=True, exist_ok=True)
+                for key, text in self.config_maps[volume["configMap"]["name"]]["data"].items():
+                    (folder / key).write_text(text)
+                os.chmod(folder, 0o755)
+                read_only = True  # the kubelet mounts ConfigMaps read-only whatever is asked
+            elif "persistentVolumeClaim" in volume:
+                folder = self.claims[volume["persistentVolumeClaim"]["claimName"]]
+                read_only = read_only or bool(volume["persistentVolumeClaim"].get("readOnly"))
+            elif "emptyDir" in volume:
+                if mount["mountPath"] == "/dev/shm":
+                    limit = volume["emptyDir"].get("sizeLimit")
+                    size = int(parse_quantity(limit)) if limit else 64 * 2**20
+                    args.append(f"--shm-size={size}b")
+                    continue
+                folder = self.workdir / "emptydirs" / mount["name"]
+                folder.mkdir(parents=True, exist_ok=True)
+            else:
+                raise AssertionError(f"volume kind not run here: {volume}")
+            if fs_group is not None and not read_only:
+                _give_to_group(folder, fs_group)  # what the kubelet does for fsGroup
+            args.append(f"--volume={folder}:{mount['mountPath']}:{'ro' if read_only else 'rw'}")
+        return args
+
+    def podman_args(self) -> list[str]:
+        spec = self.pod["spec"]
+        security = spec.get("securityContext", {})
+        container = self._container()
+        container_security = container.get("securityContext", {})
+        args = [
+            "run", "--rm", f"--network={pod_network()}",
+            f"--hostname={spec.get('hostname', self.pod['metadata']['name'])}",
+            f"--name=amxtune-test-{self.pod['metadata']['name']}-{os.getpid()}",
+        ]
+        if container_security.get("readOnlyRootFilesystem"):
+            # podman would add writable tmpfs at /tmp, /var/tmp and /run; a kubelet does not
+            args += ["--read-only", "--read-only-tmpfs=false"]
+        uid = security.get("runAsUser")
+        if uid is not None:
+            args.append(f"--user={uid}:{security.get('runAsGroup', uid)}")
+        fs_group = security.get("fsGroup")
+        if fs_group is not None:
+            args.append(f"--group-add={fs_group}")
+        for cap in container_security.get("capabilities", {}).get("drop", []):
+            args.append(f"--cap-drop={cap}")
+        if container_security.get("allowPrivilegeEscalation") is False:
+            args.append("--security-opt=no-new-privileges")
+        limits = container.get("resources", {}).get("limits", {})
+        if "cpu" in limits:
+            args.append(f"--cpus={min(float(limits['cpu']), os.cpu_count() or 1)}")
+        for name, address in self.hosts.items():
+            args.append(f"--add-host={name}:{address}")
+        for name, value in self.environment().items():
+            args.append(f"--env={name}={value}")
+        args += self._volume_args(fs_group)
+        return args
+
+    def run(self, timeout: float = 1200.0) -> subprocess.CompletedProcess[str]:
+        command = self.command()
+        return podman(
+            *self.podman_args(), f"--entrypoint={command[0]}", self._container()["image"],
+            *command[1:], timeout=timeout,
+        )
+
+
+def _give_to_group(folder: Path, gid: int) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, -1, gid)
+        mode = path.stat().st_mode
+        os.chmod(path, mode | 0o060 | (0o2010 if path.is_dir() else 0))
+
