@@ -6,7 +6,10 @@ system and only the pod's volumes writable."""
 from __future__ import annotations
 
 import copy
+import importlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from amxtune.settings import Settings
 from amxtune_api.events import ExportCompleted, TrainingCompleted, TrainingStarted
 from amxtune_api.finetunejob import FineTuneJobSpec
 from amxtune_api.inferencejob import InferenceJobSpec
-from tests.support.images import OPERATOR_IMAGE, TRAINER_IMAGE, PodmanPod, run_in
+from tests.support.images import BUILD_SCRIPT, OPERATOR_IMAGE, TRAINER_IMAGE, PodmanPod, run_in
 
 pytestmark = pytest.mark.images
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +60,39 @@ def test_entry_points_answer(images):
     assert trainer.returncode == 0, trainer.stderr
     for command in ("textual-inversion", "lora", "launch", "export-openvino", "inference"):
         assert command in trainer.stdout
+
+
+SOURCE_DIGEST = """
+import hashlib, pathlib, sys
+digest = hashlib.sha256()
+for root in sys.argv[1:]:
+    base = pathlib.Path(root)
+    for path in sorted(base.rglob("*.py")):
+        digest.update(str(path.relative_to(base.parent)).encode() + b"\\0" + path.read_bytes())
+print(digest.hexdigest())
+"""
+
+
+def source_digest(*packages: Path) -> str:
+    proc = subprocess.run([sys.executable, "-c", SOURCE_DIGEST, *map(str, packages)],
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("image", "packages"),
+    [(OPERATOR_IMAGE, ("amxtune", "amxtune_api")),
+     (TRAINER_IMAGE, ("amxtune_trainer", "amxtune_api"))],
+    ids=["operator", "trainer"],
+)
+def test_each_image_holds_this_checkouts_code(images, image, packages):
+    """A stale build (a layer cache that missed a change) would test old code."""
+    local = [Path(importlib.import_module(name).__file__).parent for name in packages]
+    site = "/opt/amxtune/venv/lib/python3.11/site-packages"
+    inside = run_in(image, "-c", SOURCE_DIGEST, *(f"{site}/{name}" for name in packages),
+                    entrypoint="python")
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() == source_digest(*local), f"{image} is older than the checkout"
 
 
 def rendered_preloads() -> list[str]:
@@ -167,3 +203,18 @@ def test_a_rendered_worker_pod_trains_and_the_export_pod_renders_in_the_trainer_
     assert done.export_cache == "stored"
     for path in done.image_paths:
         assert Path(path.replace("/output", str(output), 1)).is_file(), path
+
+
+def test_a_machine_without_podman_is_told_what_to_install(tmp_path):
+    """The build's first check, on a PATH that has none of podman, debootstrap and runc."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dirname", "mkdir", "cat", "mv"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    proc = subprocess.run(
+        [shutil.which("bash"), str(BUILD_SCRIPT)], capture_output=True, text=True,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "missing podman debootstrap runc" in proc.stderr
+    assert "apt-get install podman debootstrap runc" in proc.stderr

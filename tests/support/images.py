@@ -7,8 +7,8 @@ build's own message (a missing podman or debootstrap, a failed step) instead of 
 the container's command with $(VAR) expanded from its env, the env itself, the pod's user and
 group, fsGroup on the writable volumes, the container's securityContext (capabilities, privilege
 escalation, a read-only root file system: then only the pod's volumes are writable), ConfigMaps
-as read-only files, emptyDirs and claims as folders the test owns. The network is the container's own
-network is a bridge of the test's own with no route out and no DNS (`eth0` inside, as in a
+as read-only files, emptyDirs and claims as folders the test owns. The network is a bridge of
+the test's own with no route out and no DNS (`eth0` inside, as in a
 pod, for the rendered GLOO_SOCKET_IFNAME); the rendered rendezvous name resolves to 127.0.0.1,
 so one pod talks only to itself.
 """

@@ -95,6 +95,10 @@ if [[ -r "$host_ca" ]]; then
     build_mounts+=(-v "$host_ca:/run/amxtune-host-ca.crt:ro" -v "$cache/pip.conf:/etc/pip.conf:ro")
 fi
 
+# podman 4.3 (buildah 1.28) reuses a cached COPY layer after a copied file changed when it
+# reads the repository's .dockerignore; with an ignore file of its own it does not.
+ignore="$cache/build.ignore"
+printf '**/__pycache__/\n' >"$ignore"
 torch_index="${AMXTUNE_TORCH_INDEX_URL:-https://pypi.org/simple}"
 built=()
 for image in ${IMAGES:-operator trainer}; do
@@ -106,7 +110,7 @@ for image in ${IMAGES:-operator trainer}; do
     tag="localhost/amxtune-$image:dev"
     log "building $tag from ${dockerfile#"$repo/"}"
     start=$SECONDS
-    podman build --layers --network=host "${build_mounts[@]}" \
+    podman build --layers --network=host --ignorefile="$ignore" "${build_mounts[@]}" \
         --build-arg "BASE_IMAGE=$base" "${args[@]}" \
         -f "$dockerfile" -t "$tag" "$repo" >"$cache/build-$image.log" 2>&1 \
         || die "podman build of $tag failed (last lines below; full log in $cache/build-$image.log):
