@@ -19,7 +19,7 @@
 #                            and the base image's work folder live under images/
 #   AMXTUNE_TORCH_INDEX_URL  torch's index (default https://pypi.org/simple)
 #   DEBIAN_MIRROR            debootstrap's mirror (default http://deb.debian.org/debian)
-#   IMAGES                   which to build: "operator trainer" (default), or one of them
+#   AMXTUNE_IMAGES           which to build: "operator trainer" (default), or one of them
 set -euo pipefail
 {
 
@@ -35,6 +35,9 @@ for tool in podman debootstrap runc; do
 done
 if ((${#missing[@]})); then
     die "missing ${missing[*]}: install with \`apt-get install podman debootstrap runc\` (Debian/Ubuntu, as root) and retry"
+fi
+if [[ "$(id -u)" != 0 ]]; then
+    die "run as root: debootstrap makes the base image as root, and the images tier runs rootful podman"
 fi
 
 cache="${AMXTUNE_CACHE:-$HOME/.cache/amxtune}/images"
@@ -63,18 +66,30 @@ image_config=(--change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]')
 recipe_hash="$(printf '%s\n' minbase "$suite" "$packages" "${image_config[@]}" | sha256sum | cut -c1-12)"
 base="localhost/amxtune-base:bookworm-python3.11-$recipe_hash"
 
+# The root file system is made in a folder of its own and imported under a temporary name, then
+# tagged: a failed or interrupted run leaves neither a half-made folder nor a half-made base
+# (whose tag would otherwise be reused as complete).
 make_base() {
-    local work
-    work="$(mktemp -d "$cache/base.XXXXXX")"
-    trap 'rm -rf "$work"' RETURN
-    debootstrap --variant=minbase --include="$packages" "$suite" "$work/rootfs" "$mirror" \
-        >"$work/debootstrap.log" 2>&1 \
-        || die "debootstrap of Debian $suite from $mirror failed (last lines below; full log kept in $cache/debootstrap.log):
-$(cp "$work/debootstrap.log" "$cache/debootstrap.log"; tail -5 "$work/debootstrap.log")"
+    local work status=0
+    work="$(mktemp -d "$cache/base.XXXXXX")" || return 1
+    if ! debootstrap --variant=minbase --include="$packages" "$suite" "$work/rootfs" "$mirror" \
+        >"$cache/debootstrap.log" 2>&1; then
+        rm -rf "$work"
+        die "debootstrap of Debian $suite from $mirror failed (last lines below; full log in $cache/debootstrap.log):
+$(tail -5 "$cache/debootstrap.log")"
+    fi
     rm -rf "$work"/rootfs/var/cache/apt/archives/*.deb "$work"/rootfs/var/lib/apt/lists/* \
         "$work/rootfs/debootstrap"
+    local partial="$base-partial"
     tar --numeric-owner -C "$work/rootfs" -c . \
-        | podman import --quiet "${image_config[@]}" - "$base" >/dev/null
+        | podman import --quiet "${image_config[@]}" - "$partial" >/dev/null || status=$?
+    rm -rf "$work"
+    if ((status == 0)) && podman tag "$partial" "$base"; then
+        podman rmi "$partial" >/dev/null
+        return 0
+    fi
+    podman rmi -f "$partial" >/dev/null 2>&1 || true
+    return 1
 }
 
 if podman image exists "$base"; then
@@ -101,11 +116,11 @@ ignore="$cache/build.ignore"
 printf '**/__pycache__/\n' >"$ignore"
 torch_index="${AMXTUNE_TORCH_INDEX_URL:-https://pypi.org/simple}"
 built=()
-for image in ${IMAGES:-operator trainer}; do
+for image in ${AMXTUNE_IMAGES:-operator trainer}; do
     case "$image" in
         operator) dockerfile="$repo/Dockerfile"; args=() ;;
         trainer) dockerfile="$repo/trainer_image/Dockerfile"; args=(--build-arg "TORCH_INDEX_URL=$torch_index") ;;
-        *) die "unknown image '$image' in IMAGES (expected operator and/or trainer)" ;;
+        *) die "unknown image '$image' in AMXTUNE_IMAGES (expected operator and/or trainer)" ;;
     esac
     tag="localhost/amxtune-$image:dev"
     log "building $tag from ${dockerfile#"$repo/"}"
