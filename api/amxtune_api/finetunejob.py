@@ -161,7 +161,11 @@ class OpenMP(StrEnum):
 class Runtime(TrainerRuntimeOptions):
     image: str | None = Field(
         default=None, min_length=1,
-        description="Trainer image; the operator's configured default when empty.",
+        description=(
+            "Trainer image; the operator's configured default when empty. Its containers run "
+            "as uid 1000 with a read-only root file system: they may write only to /tmp, "
+            "/var/cache/huggingface (HF_HOME), /dev/shm and /output."
+        ),
     )
     image_pull_policy: str = Field(default="IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
     ccl: Ccl = Field(default_factory=Ccl)

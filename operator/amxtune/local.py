@@ -37,7 +37,7 @@ from amxtune_api.inferencejob import InferenceTask
 from amxtune_api.kube import PvcPath
 
 # Environment the pods get that makes no sense on a workstation.
-CLUSTER_ONLY_ENV = {"HF_HOME", "AMXTUNE_CACHE", "MASTER_ADDR", "MASTER_PORT",
+CLUSTER_ONLY_ENV = {"HF_HOME", "AMXTUNE_CACHE", "MPLCONFIGDIR", "MASTER_ADDR", "MASTER_PORT",
                     "I_MPI_HYDRA_IFACE", "GLOO_SOCKET_IFNAME", "HF_TOKEN"}
 
 

@@ -87,5 +87,10 @@ def test_amxtune_run_keeps_the_users_preload_and_drops_the_images_paths(tmp_path
     preload = plan.environment()["LD_PRELOAD"].split(":")
     assert preload[0] == str(own)
     assert all(Path(p).exists() for p in preload)  # the image's tcmalloc path is not here
+    # the pods' folders (cache volume, /tmp) and rendezvous are not this machine's
+    for name in ("HF_HOME", "AMXTUNE_CACHE", "MPLCONFIGDIR", "MASTER_ADDR", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert not {"HF_HOME", "AMXTUNE_CACHE", "MPLCONFIGDIR", "MASTER_ADDR",
+                "GLOO_SOCKET_IFNAME"} & set(LocalPlan(args).environment())
     config = plan.trainer_config()
     assert config["requireAmx"] is False and config["outputDir"] == str(tmp_path / "robot-toy")

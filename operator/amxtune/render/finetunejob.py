@@ -137,6 +137,7 @@ def rank_environment(
         "AMXTUNE_RANKS_PER_NODE": str(spec.workers.ranks_per_node),
         "HF_HOME": HF_HOME,
         "AMXTUNE_CACHE": BUILTIN_MODEL_CACHE,
+        "MPLCONFIGDIR": "/tmp/matplotlib",  # loss.png; the home folder is read-only
         "PYTHONUNBUFFERED": "1",
     }
     if preload:
