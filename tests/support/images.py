@@ -8,31 +8,34 @@ the container's command with $(VAR) expanded from its env, the env itself, the p
 group, fsGroup on the writable volumes, the container's securityContext (capabilities, privilege
 escalation, a read-only root file system: then only the pod's volumes are writable), ConfigMaps
 as read-only files, emptyDirs and claims as folders the test owns. The network is a bridge of
-the test's own with no route out and no DNS (`eth0` inside, as in a
-pod, for the rendered GLOO_SOCKET_IFNAME); the rendered rendezvous name resolves to 127.0.0.1,
-so one pod talks only to itself.
+the test's own with no route out and no DNS (`eth0` inside, as in a pod, for the rendered
+GLOO_SOCKET_IFNAME); names the pod must resolve, such as the rendezvous name of worker 0, are
+given as `hosts` (what cluster DNS would answer).
 """
 
 from __future__ import annotations
 
+import base64
 import os
-import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from amxtune.quantity import parse_quantity
+from amxtune_trainer.builtin.models import cache_root
+from tests.support.local_kubelet import expand_env_refs
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "tools" / "images" / "build.sh"
 OPERATOR_IMAGE = "localhost/amxtune-operator:dev"
 TRAINER_IMAGE = "localhost/amxtune-trainer:dev"
-TEST_NETWORK = "amxtune-test"
-ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+TEST_NETWORK = "amxtune-test-pods"
+# The bridge's subnet, so that a test can give worker 0 the address its peers resolve it to.
+TEST_SUBNET = "10.89.201"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AMXTUNE_CACHE", Path.home() / ".cache" / "amxtune")) / "images"
+    return cache_root() / "images"  # AMXTUNE_CACHE, as for the build script
 
 
 def podman_env() -> dict[str, str]:
@@ -68,7 +71,8 @@ def podman(*args: str, timeout: float = 600.0, check: bool = False,
 def pod_network() -> str:
     """An internal bridge (no route out, no DNS) the tests own: containers get an eth0."""
     if podman("network", "exists", TEST_NETWORK).returncode != 0:
-        created = podman("network", "create", "--internal", "--disable-dns", TEST_NETWORK)
+        created = podman("network", "create", "--internal", "--disable-dns",
+                         f"--subnet={TEST_SUBNET}.0/24", TEST_NETWORK)
         if created.returncode != 0 and podman("network", "exists", TEST_NETWORK).returncode:
             raise AssertionError(f"podman network create failed: {created.stderr}")
     return TEST_NETWORK
@@ -97,10 +101,13 @@ class PodmanPod:
     claims: dict[str, Path]
     workdir: Path
     hosts: dict[str, str] = field(default_factory=dict)
+    address: str | None = None  # on the test bridge; podman picks one when None
 
     def _container(self) -> dict:
         containers = self.pod["spec"]["containers"]
         assert len(containers) == 1, "one container per amxtune pod"
+        unsupported = {"args", "workingDir", "envFrom"} & set(containers[0])
+        assert not unsupported, f"not run here: {unsupported}"
         return containers[0]
 
     def environment(self) -> dict[str, str]:
@@ -112,11 +119,7 @@ class PodmanPod:
 
     def command(self) -> list[str]:
         env = self.environment()
-        # Kubernetes expands $(VAR) from the container's env and leaves unknown ones as written.
-        return [
-            ENV_REF.sub(lambda m: env.get(m.group(1), m.group(0)), part)
-            for part in self._container()["command"]
-        ]
+        return [expand_env_refs(part, env) for part in self._container()["command"]]
 
     def _volume_args(self, fs_group: int | None) -> list[str]:
         volumes = {v["name"]: v for v in self.pod["spec"].get("volumes", [])}
@@ -127,8 +130,11 @@ class PodmanPod:
             if "configMap" in volume:
                 folder = self.workdir / "configmaps" / mount["name"]
                 folder.mkdir(parents=True, exist_ok=True)
-                for key, text in self.config_maps[volume["configMap"]["name"]]["data"].items():
+                config_map = self.config_maps[volume["configMap"]["name"]]
+                for key, text in config_map.get("data", {}).items():
                     (folder / key).write_text(text)
+                for key, encoded in config_map.get("binaryData", {}).items():
+                    (folder / key).write_bytes(base64.b64decode(encoded))
                 os.chmod(folder, 0o755)
                 read_only = True  # the kubelet mounts ConfigMaps read-only whatever is asked
             elif "persistentVolumeClaim" in volume:
@@ -174,7 +180,13 @@ class PodmanPod:
             args.append("--security-opt=no-new-privileges")
         limits = container.get("resources", {}).get("limits", {})
         if "cpu" in limits:
-            args.append(f"--cpus={min(float(limits['cpu']), os.cpu_count() or 1)}")
+            cpus = min(float(parse_quantity(limits["cpu"])), os.cpu_count() or 1)
+            args.append(f"--cpus={cpus}")
+        if "memory" in limits:  # /dev/shm counts too, as in the pod's memory cgroup
+            args.append(f"--memory={int(parse_quantity(limits['memory']))}b")
+        args.append("--pids-limit=-1")  # a kubelet sets none by default
+        if self.address:
+            args.append(f"--ip={self.address}")
         for name, address in self.hosts.items():
             args.append(f"--add-host={name}:{address}")
         for name, value in self.environment().items():
@@ -184,10 +196,13 @@ class PodmanPod:
 
     def run(self, timeout: float = 1200.0) -> subprocess.CompletedProcess[str]:
         command = self.command()
-        return podman(
-            *self.podman_args(), f"--entrypoint={command[0]}", self._container()["image"],
-            *command[1:], timeout=timeout,
-        )
+        args = self.podman_args()
+        name = next(a.split("=", 1)[1] for a in args if a.startswith("--name="))
+        try:
+            return podman(*args, f"--entrypoint={command[0]}", self._container()["image"],
+                          *command[1:], timeout=timeout)
+        finally:  # a timed-out client leaves its container running under conmon
+            podman("rm", "--force", "--ignore", name, timeout=120)
 
 
 def _give_to_group(folder: Path, gid: int) -> None:

@@ -39,6 +39,11 @@ LOCAL_NODE_LABEL = "amxtune.io/local-node"
 ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
+def expand_env_refs(text: str, env: dict[str, str]) -> str:
+    """$(VAR) from the container's env, as Kubernetes expands a command; unknown ones stay."""
+    return ENV_REF.sub(lambda m: env.get(m.group(1), m.group(0)), text)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -329,7 +334,7 @@ class LocalKubelet:
             env.update(self.node_env.get(spec.get("nodeName", ""), {}))
             self._rewrite_files(paths, folder)
             command = [
-                self._rewrite(ENV_REF.sub(lambda m: env.get(m.group(1), m.group(0)), a), paths)
+                self._rewrite(expand_env_refs(a, env), paths)
                 for a in container["command"]
             ]
             command[0] = self._executable(command[0])
