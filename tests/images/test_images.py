@@ -1,12 +1,11 @@
-"""The operator and trainer images as images: who they run as, what they answer, what the
-operator's rendered pods need of them (preloaded libraries, launchers), and a worker pod and
-the export pod the operator renders, run in the trainer image with a read-only root file
-system and only the pod's volumes writable."""
+"""The operator and trainer images as images: who they run as, what they answer, whether they
+hold this checkout's code, what the operator's rendered pods need of them (preloaded libraries,
+launchers), and rendered worker pods and the export pod run in the trainer image with a
+read-only root file system and only the pods' volumes writable."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import importlib
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from tests.support.images import (
     TEST_SUBNET,
     TRAINER_IMAGE,
     PodmanPod,
+    container_env,
     run_in,
 )
 
@@ -111,8 +111,7 @@ def rendered_preloads() -> list[str]:
     for allocator in ("tcmalloc", "jemalloc"):
         spec = job_spec(runtime={"memoryAllocator": allocator, "openMP": "iomp5"})
         pod = render_finetunejob(JobIdentity("robot"), spec, SETTINGS).pods[0]
-        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-        paths += [p for p in env["LD_PRELOAD"].split(":") if p not in paths]
+        paths += [p for p in container_env(pod)["LD_PRELOAD"].split(":") if p not in paths]
     return paths
 
 
@@ -144,7 +143,7 @@ def test_launchers_are_on_path(images):
 
 def manifest() -> dict:
     """The demo's job on the random-weight tiny model: two ranks in one pod, a few steps."""
-    doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text()))
+    doc = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     doc["spec"]["model"] = {"name": "tiny"}
     doc["spec"]["textualInversion"] = {"placeholderToken": "<robot-toy>", "initializerToken": "toy"}
     doc["spec"]["training"].update(maxTrainSteps=4, checkpointingSteps=2, loggingSteps=1,
@@ -164,25 +163,44 @@ def job_spec(**changes) -> FineTuneJobSpec:
     return FineTuneJobSpec.model_validate(spec)
 
 
-def test_a_rendered_worker_pod_trains_and_the_export_pod_renders_in_the_trainer_image(
-        images, tmp_path):
-    job = JobIdentity("robot")
-    spec = job_spec()
-    objects = render_finetunejob(job, spec, SETTINGS)
+@pytest.fixture
+def volumes(tmp_path) -> tuple[Path, Path]:
+    """The folders that play the concepts claim (the demo's images) and the output claim."""
     data, output = tmp_path / "concepts", tmp_path / "output"
     shutil.copytree(ROOT / "examples" / "concepts" / "robot", data / "robot")
     output.mkdir()
-    worker = objects.pods[0]
-    env = {e["name"]: e.get("value") for e in worker["spec"]["containers"][0]["env"]}
-    assert env.get("LD_PRELOAD"), "the default runtime preloads its allocator and OpenMP"
-    assert worker["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
-    trained = PodmanPod(
-        worker,
-        config_maps={objects.config_map["metadata"]["name"]: objects.config_map},
-        claims={"concepts": data, objects.output_claim_name: output},
-        workdir=tmp_path / "worker",
-        hosts={env["MASTER_ADDR"]: "127.0.0.1"},
-    ).run()
+    return data, output
+
+
+def worker_pods(objects, volumes: tuple[Path, Path], workdir: Path,
+                worker0_address: str | None = None) -> list[PodmanPod]:
+    """The rendered workers; their rendezvous name resolves to worker 0's address on the test
+    bridge, or to loopback when there is one worker."""
+    data, output = volumes
+    master = container_env(objects.pods[0])["MASTER_ADDR"]
+    return [
+        PodmanPod(
+            pod,
+            config_maps={objects.config_map["metadata"]["name"]: objects.config_map},
+            claims={"concepts": data, objects.output_claim_name: output},
+            workdir=workdir / f"worker-{rank}",
+            hosts={master: worker0_address or "127.0.0.1"},
+            address=worker0_address if rank == 0 else None,
+        )
+        for rank, pod in enumerate(objects.pods)
+    ]
+
+
+def test_a_rendered_worker_pod_trains_and_the_export_pod_renders_in_the_trainer_image(
+        images, volumes, tmp_path):
+    job = JobIdentity("robot")
+    spec = job_spec()
+    objects = render_finetunejob(job, spec, SETTINGS)
+    _, output = volumes
+    [worker] = worker_pods(objects, volumes, tmp_path)
+    assert container_env(worker.pod).get("LD_PRELOAD"), "the default runtime preloads"
+    assert worker.pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    trained = worker.run()
     log = trained.stdout + trained.stderr
     assert trained.returncode == 0, log[-6000:]
     assert LD_SO_WARNING not in trained.stderr, trained.stderr[-3000:]
@@ -216,29 +234,13 @@ def test_a_rendered_worker_pod_trains_and_the_export_pod_renders_in_the_trainer_
         assert Path(path.replace("/output", str(output), 1)).is_file(), path
 
 
-def test_two_rendered_worker_pods_rendezvous_over_their_network(images, tmp_path):
+def test_two_rendered_worker_pods_rendezvous_over_their_network(images, volumes, tmp_path):
     """Two pods × one rank: worker 1 reaches worker 0 at the address its rendered MASTER_ADDR
     resolves to, over eth0 (GLOO_SOCKET_IFNAME), from a container of its own."""
-    job = JobIdentity("robot")
     spec = job_spec(workers={"nodes": 2, "ranksPerNode": 1,
                              "resources": {"cpu": "1", "memory": "3Gi"}})
-    objects = render_finetunejob(job, spec, SETTINGS)
-    data, output = tmp_path / "concepts", tmp_path / "output"
-    shutil.copytree(ROOT / "examples" / "concepts" / "robot", data / "robot")
-    output.mkdir()
-    master = {e["name"]: e.get("value") for e in objects.pods[0]["spec"]["containers"][0]["env"]}
-    worker0_address = f"{TEST_SUBNET}.10"
-    pods = [
-        PodmanPod(
-            pod,
-            config_maps={objects.config_map["metadata"]["name"]: objects.config_map},
-            claims={"concepts": data, objects.output_claim_name: output},
-            workdir=tmp_path / f"worker-{rank}",
-            hosts={master["MASTER_ADDR"]: worker0_address},
-            address=worker0_address if rank == 0 else None,
-        )
-        for rank, pod in enumerate(objects.pods)
-    ]
+    objects = render_finetunejob(JobIdentity("robot"), spec, SETTINGS)
+    pods = worker_pods(objects, volumes, tmp_path, worker0_address=f"{TEST_SUBNET}.10")
     with concurrent.futures.ThreadPoolExecutor(len(pods)) as pool:
         results = list(pool.map(lambda p: p.run(timeout=900), pods))
     for rank, result in enumerate(results):
@@ -253,8 +255,7 @@ def test_a_machine_without_podman_is_told_what_to_install(tmp_path):
     """The build's first check, on a PATH that has none of podman, debootstrap and runc."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("dirname", "mkdir", "cat", "mv"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))  # all it runs before the check
     proc = subprocess.run(
         [shutil.which("bash"), str(BUILD_SCRIPT)], capture_output=True, text=True,
         env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60,

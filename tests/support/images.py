@@ -56,16 +56,10 @@ def ensure_images(timeout: float = 3600.0) -> list[str]:
     return proc.stdout.strip().splitlines()[-1].split()
 
 
-def podman(*args: str, timeout: float = 600.0, check: bool = False,
-           ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
+def podman(*args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["podman", *args], capture_output=True, text=True, timeout=timeout, env=podman_env()
     )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"podman {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
 
 
 def pod_network() -> str:
@@ -86,6 +80,15 @@ def run_in(image: str, *command: str, entrypoint: str | None = None,
     if entrypoint is not None:
         args.append(f"--entrypoint={entrypoint}")
     return podman(*args, image, *command, timeout=timeout)
+
+
+def container_env(pod: dict) -> dict[str, str]:
+    """The literal env of a rendered pod's one container."""
+    env: dict[str, str] = {}
+    for item in pod["spec"]["containers"][0].get("env", []):
+        assert "value" in item, f"{item['name']}: only literal values are run here"
+        env[item["name"]] = item["value"]
+    return env
 
 
 @dataclass
@@ -111,11 +114,11 @@ class PodmanPod:
         return containers[0]
 
     def environment(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for item in self._container().get("env", []):
-            assert "value" in item, f"{item['name']}: only literal values are run here"
-            env[item["name"]] = item["value"]
-        return env
+        return container_env(self.pod)
+
+    @property
+    def container_name(self) -> str:
+        return f"amxtune-test-{self.pod['metadata']['name']}-{os.getpid()}"
 
     def command(self) -> list[str]:
         env = self.environment()
@@ -163,7 +166,7 @@ class PodmanPod:
         args = [
             "run", "--rm", f"--network={pod_network()}",
             f"--hostname={spec.get('hostname', self.pod['metadata']['name'])}",
-            f"--name=amxtune-test-{self.pod['metadata']['name']}-{os.getpid()}",
+            f"--name={self.container_name}",
         ]
         if container_security.get("readOnlyRootFilesystem"):
             # podman would add writable tmpfs at /tmp, /var/tmp and /run; a kubelet does not
@@ -196,13 +199,11 @@ class PodmanPod:
 
     def run(self, timeout: float = 1200.0) -> subprocess.CompletedProcess[str]:
         command = self.command()
-        args = self.podman_args()
-        name = next(a.split("=", 1)[1] for a in args if a.startswith("--name="))
         try:
-            return podman(*args, f"--entrypoint={command[0]}", self._container()["image"],
-                          *command[1:], timeout=timeout)
+            return podman(*self.podman_args(), f"--entrypoint={command[0]}",
+                          self._container()["image"], *command[1:], timeout=timeout)
         finally:  # a timed-out client leaves its container running under conmon
-            podman("rm", "--force", "--ignore", name, timeout=120)
+            podman("rm", "--force", "--ignore", self.container_name, timeout=120)
 
 
 def _give_to_group(folder: Path, gid: int) -> None:
