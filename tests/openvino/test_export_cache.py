@@ -58,7 +58,6 @@ def test_a_cached_export_renders_the_pixels_of_a_fresh_export(tiny_model, learne
     again = export_openvino(str(tiny_model), tmp_path / "again", options,
                             learned_embeds=learned_embeds, cache=cache)
 
-    assert fresh["cache"] is None
     assert (first["cache"]["hit"], second["cache"]["hit"], again["cache"]["hit"]) == (
         False, True, True)
     entries = [p for p in cache.iterdir() if p.name != DIGESTS_FILE]

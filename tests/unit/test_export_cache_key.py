@@ -51,3 +51,26 @@ def test_a_file_with_the_same_size_and_mtime_is_not_read_again(model):
     weights.write_bytes(b"weights")  # rewritten: a new mtime, so it is read again
     os.utime(weights, ns=(1, 1))
     assert source_digest(model, known) == first
+
+
+def test_a_hub_cache_file_in_lfs_is_known_by_its_blob_name(model, monkeypatch):
+    """huggingface_hub names an LFS blob by its sha256: the digest takes the name, reads
+    nothing, and equals the digest of the same files in a plain folder."""
+    import hashlib
+
+    from amxtune_trainer import export_cache
+
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    plain = export_cache.source_digest(model)
+    blobs = model.parent / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    blob = blobs / hashlib.sha256(weights.read_bytes()).hexdigest()
+    weights.rename(blob)
+    weights.symlink_to(blob)
+    read = []
+    real_file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest",
+                        lambda stream, name: read.append(stream.name) or real_file_digest(
+                            stream, name))
+    assert export_cache.source_digest(model) == plain
+    assert str(blob) not in read and read  # model_index.json (not in LFS) was read

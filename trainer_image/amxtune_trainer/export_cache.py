@@ -2,7 +2,8 @@
 
 A textual inversion changes one thing in a Stable Diffusion pipeline: rows of the text
 encoder's token table (and the tokenizer's vocabulary). Converting the whole pipeline again for
-every job (385 s for an SD-1.5-sized UNet on 2 cores) is wasted work. So the base model is
+every job (about 85 s for an SD-1.5-sized pipeline on 2 cores, docs/performance.md) is wasted
+work. So the base model is
 exported once per (content, export options, library versions) into a cache entry, and each job
 copies that export with its token(s) spliced into the text encoder: optimum-intel's
 `load_textual_inversion` for OpenVINO pipelines appends the vectors to the embedding constant,
@@ -18,9 +19,10 @@ Layout of an entry, CACHE/<key>/:
 CACHE/.file-digests.json remembers each base file's sha256 by size and mtime.
 The key is a sha256 of the cache format, the export options, the versions of the converting
 libraries and every file of the base pipeline folder (path and sha256 of its content), so a
-changed model, option or library makes a new entry and never reuses a stale one. Entries are
-written into a temporary folder and renamed into place: a job that loses a race to write the
-same entry discards its own copy; an interrupted one leaves no entry.
+changed model, option or library makes a new entry. (A file rewritten with the same size and
+mtime, as `cp -p` can, is taken from the memo: remove .file-digests.json after such a copy.)
+Entries are written into a temporary folder and renamed into place: a job that loses a race to
+write the same entry discards its own copy; an interrupted one leaves no entry.
 """
 
 from __future__ import annotations
@@ -72,17 +74,29 @@ def source_digest(source: Path, known: dict | None = None) -> str:
                                       for part in path.relative_to(source).parts)
     )
     for path in files:
-        stat = path.stat()
-        seen = known.get(str(path.resolve()))
-        if seen and (seen["size"], seen["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+        resolved = path.resolve()
+        stat = resolved.stat()
+        seen = known.get(str(resolved))
+        if _is_hub_lfs_blob(resolved):
+            content = resolved.name
+        elif seen and (seen["size"], seen["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
             content = seen["sha256"]
         else:
-            with path.open("rb") as stream:
+            with resolved.open("rb") as stream:
                 content = hashlib.file_digest(stream, "sha256").hexdigest()
-            known[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                          "sha256": content}
+            known[str(resolved)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                    "sha256": content}
         digest.update(f"{path.relative_to(source).as_posix()}\0{content}\n".encode())
     return digest.hexdigest()
+
+
+def _is_hub_lfs_blob(path: Path) -> bool:
+    """A file of a huggingface_hub cache that is stored in LFS: its blob is named by the sha256
+    of its content (other blobs by a 40-digit git hash), so it need not be read. A model
+    downloaded into a pod's emptyDir has new mtimes every time, which the memo cannot help."""
+    name = path.name
+    return (path.parent.name == "blobs" and len(name) == 64
+            and all(c in "0123456789abcdef" for c in name))
 
 
 def cache_key(source: Path, options: OpenVINOExportOptions, versions: dict[str, str],
@@ -117,9 +131,11 @@ def base_export(cache: Path, source: Path, options: OpenVINOExportOptions) -> Ca
 
     cache.mkdir(parents=True, exist_ok=True)
     known = _read_digests(cache)
+    before = dict(known)
     versions = library_versions()
     key = cache_key(source, options, versions, known)
-    _write_digests(cache, known)
+    if known != before:
+        _write_digests(cache, known)
     folder = cache / key[:32]
     if (folder / ENTRY_FILE).is_file():
         return CacheEntry(folder, key, hit=True)
