@@ -12,6 +12,11 @@ inversion. --against-reference SCRIPT also runs the diffusers script for the met
 the user points at, see bench_reference.py) on the same configuration, in alternating order
 over --passes passes, and prints both and their ratio.
 
+--memory samples every rank's RSS and PSS (proportional set size: pages mapped by several
+ranks count 1/P in each) four times a second and prints each rank's peak and the pod's (the
+peak of the ranks' summed PSS, what one worker pod holds); --frozen-weights shared private
+compares one copy of the frozen networks per node (frozen.py) with one per rank.
+
 --same-learning trains the tiny model twice, with and without the speed-ups (bf16 weights +
 autocast + channels_last vs fp32), and evaluates both embeddings with the same fp32
 evaluator on the fixed evaluation set.
@@ -27,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -70,10 +76,57 @@ def trainer_args(model: str, data: Path, out: Path, resolution: int, precision: 
     ]
 
 
+class MemorySampler(threading.Thread):
+    """Peak RSS and PSS of the rank processes under `pid` (the rank itself, or the launcher's
+    children), and the peak of their summed PSS."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.peak_rss: dict[int, float] = {}
+        self.peak_pss: dict[int, float] = {}
+        self.peak_pod_pss = 0.0
+        self.done = threading.Event()
+
+    def _ranks(self):
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            children = [c for c in root.children() if "amxtune_trainer" in " ".join(c.cmdline())]
+        except psutil.Error:
+            return []
+        return children or [root]
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.wait(self.interval):
+            total = 0.0
+            for process in self._ranks():
+                try:
+                    info = process.memory_full_info()
+                except psutil.Error:
+                    continue
+                rss, pss = info.rss / 2**20, info.pss / 2**20
+                self.peak_rss[process.pid] = max(self.peak_rss.get(process.pid, 0.0), rss)
+                self.peak_pss[process.pid] = max(self.peak_pss.get(process.pid, 0.0), pss)
+                total += pss
+            self.peak_pod_pss = max(self.peak_pod_pss, total)
+
+    def result(self) -> dict:
+        return {"sampled_peak_rss_mb": max(self.peak_rss.values(), default=0.0),
+                "peak_pss_mb": max(self.peak_pss.values(), default=0.0),
+                "peak_pod_pss_mb": self.peak_pod_pss}
+
+
 def run_config(model: str, resolution: int, precision: str, ranks: int, steps: int,
                warmup: int, workdir: Path, extra: list[str],
-               method: str = "textual-inversion") -> dict:
-    name = f"{method}-{model}-{resolution}-{precision}-r{ranks}"
+               method: str = "textual-inversion", memory: bool = False,
+               frozen_weights: str = "shared") -> dict:
+    from amxtune_trainer import frozen
+
+    name = f"{method}-{model}-{resolution}-{precision}-r{ranks}-{frozen_weights}"
     data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
     out = workdir / name
     if out.exists():  # a previous pass: start fresh, not from its checkpoint
@@ -86,12 +139,21 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
     else:
         command = [sys.executable, "-m", "amxtune_trainer", "launch", "--nproc-per-node",
                    str(ranks), "--", method, *args]
+    env = {**os.environ, frozen.SHARE_ENV: "1" if frozen_weights == "shared" else "0"}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
-        raise SystemExit(f"{name} failed (exit {result.returncode}):\n{tail}")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    sampler = MemorySampler(process.pid) if memory else None
+    if sampler is not None:
+        sampler.start()
+    _, stderr = process.communicate()
+    if sampler is not None:
+        sampler.done.set()
+        sampler.join()
+    if process.returncode != 0:
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"{name} failed (exit {process.returncode}):\n{tail}")
     metrics = json.loads((out / "metrics.json").read_text())
     times = metrics["step_seconds"][warmup:] or metrics["step_seconds"]
     median = statistics.median(times)
@@ -99,6 +161,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
         "name": name, "method": method, "model": model, "resolution": resolution,
         "precision": precision,
         "ranks": ranks, "used_precision": metrics["mixed_precision"]["used"],
+        "frozen_weights": "shared" if all(metrics["frozen_weights_shared_per_rank"])
+        else "private",
         "steps_timed": len(times), "seconds_per_step": median,
         "min_seconds_per_step": min(times),
         "samples_per_second": ranks / median,  # batch 1 per rank
@@ -106,6 +170,7 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
         "allreduce_bytes_per_step": metrics["allreduce_bytes_per_step"],
         "load_before": load_before, "load_after": os.getloadavg()[0],
         "wall_seconds": time.perf_counter() - started,
+        **(sampler.result() if sampler is not None else {}),
     }
 
 
@@ -267,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                         "or train_dreambooth_lora.py) to run on the same configurations")
     parser.add_argument("--passes", type=int, default=2,
                         help="with --against-reference: passes, alternating which runs first")
+    parser.add_argument("--frozen-weights", nargs="+", choices=["shared", "private"],
+                        default=["shared"], help="one copy of the frozen networks per node "
+                        "(several local ranks) or one per rank")
+    parser.add_argument("--memory", action="store_true",
+                        help="sample every rank's RSS and PSS; print the peaks per rank and pod")
     parser.add_argument("--steps", type=int, default=6, help="steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     parser.add_argument("--flops", action="store_true", help="count FLOPs, compare to peak")
@@ -315,10 +385,12 @@ def main(argv: list[str] | None = None) -> int:
             context.cleanup()
         return 0
     grid = [] if args.no_timing else list(itertools.product(
-        args.model, args.resolution, args.precision, args.ranks))
-    for model, resolution, precision, ranks in grid:
+        args.model, args.resolution, args.precision, args.ranks, args.frozen_weights))
+    if "private" in args.frozen_weights:  # one local rank has nothing to share: run it once
+        grid = [row for row in grid if row[3] > 1 or row[4] == "private"]
+    for model, resolution, precision, ranks, frozen_weights in grid:
         row = run_config(model, resolution, precision, ranks, args.steps, args.warmup,
-                         workdir, extra, args.method)
+                         workdir, extra, args.method, args.memory, frozen_weights)
         if args.flops:
             key = (model, resolution)
             if key not in flops:  # in a child process: keeps this one small
@@ -332,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             row["achieved_tflops"] = flops[key] * ranks / row["seconds_per_step"] / 1e12
         results.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    header = ("| model | px | precision | ranks | s/step (median) | samples/s "
+    header = ("| model | px | precision | ranks | frozen weights | s/step (median) | samples/s "
               "| peak RSS MB/rank | all-reduced B/step | load 1m before→after |")
+    if args.memory:
+        header += " peak PSS MB/rank | peak PSS MB/pod |"
     if args.flops:
         header += " GFLOP/step | TFLOP/s |"
     if results:
@@ -343,9 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         precision = r["precision"] if r["precision"] == r["used_precision"] else (
             f"{r['precision']} → {r['used_precision']}")
         line = (f"| {r['model']} | {r['resolution']} | {precision} | {r['ranks']} | "
+                f"{r['frozen_weights']} | "
                 f"{r['seconds_per_step']:.3f} | {r['samples_per_second']:.3f} | "
                 f"{r['peak_rss_mb']:.0f} | {r['allreduce_bytes_per_step']} | "
                 f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
+        if args.memory:
+            line += f" {r['peak_pss_mb']:.0f} | {r['peak_pod_pss_mb']:.0f} |"
         if args.flops:
             line += f" {r['step_gflop']:.0f} | {r['achieved_tflops']:.3f} |"
         print(line)

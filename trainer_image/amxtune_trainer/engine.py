@@ -144,13 +144,21 @@ class Trainer:
             )
             import torch
 
+            from amxtune_trainer import frozen
+
             components = models.load_components(
-                path, torch.bfloat16 if self.plan.bf16 else None
+                path, torch.bfloat16 if self.plan.bf16 else None,
+                unet_channels_last=self.plan.channels_last,
+                share=frozen.wanted(self.info.local_world_size),
             )
             checked = self.check_model(components)
         except UserError as exc:
             error = str(exc)
         errors = [e for e in all_gather_object(self.info, error) if e]
+        if components is not None and components.shared_files:
+            from amxtune_trainer import frozen
+
+            frozen.release(components.shared_files)  # every rank has mapped them by now
         if errors:
             raise UserError(errors[0], every_rank=True)
         return concept, components, resume, checked

@@ -9,7 +9,7 @@ huggingface_hub); every failure is a one-line UserError, not a stack trace. `loa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,7 @@ class Components:
     vae: Any
     unet: Any
     noise_scheduler: Any
+    shared_files: list[Path] = field(default_factory=list)  # frozen.py: unlink once all mapped
 
 
 def _load_error(path: Path, part: str, error: Exception) -> UserError:
@@ -131,35 +132,66 @@ def load_tokenizer(path: Path):
         raise _load_error(path, "tokenizer", error) from None
 
 
-def load_components(path: Path, image_dtype=None) -> Components:
+def load_components(path: Path, image_dtype=None, *, unet_channels_last: bool = False,
+                    share: bool = False) -> Components:
     """Load tokenizer, text encoder, VAE, UNet (frozen, eval) and the DDPM scheduler.
 
     The text encoder is loaded in fp32 (the new vectors start from its rows); the UNet and VAE
-    in `image_dtype` (default fp32), which halves the peak memory for bf16 training.
+    in `image_dtype` (default fp32), which halves the peak memory for bf16 training; the UNet
+    in channels_last when asked. `share`: map the three networks from this node's shared files
+    (frozen.py) instead of holding a copy of our own.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from amxtune_trainer import frozen
 
     tokenizer = load_tokenizer(path)
-    parts: dict[str, Any] = {}
     kwargs = {"torch_dtype": image_dtype} if image_dtype is not None else {}
     loaders = {
         "text_encoder": lambda: CLIPTextModel.from_pretrained(str(path / "text_encoder")),
         "vae": lambda: AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kwargs),
         "unet": lambda: UNet2DConditionModel.from_pretrained(str(path), subfolder="unet",
                                                              **kwargs),
-        "noise_scheduler": lambda: DDPMScheduler.from_pretrained(str(path), subfolder="scheduler"),
     }
+    empty = {
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(
+            str(path / "text_encoder"))),
+        "vae": lambda: AutoencoderKL.from_config(
+            AutoencoderKL.load_config(str(path), subfolder="vae")),
+        "unet": lambda: UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(str(path), subfolder="unet")),
+    }
+    parts: dict[str, Any] = {}
+    shared_files: list[Path] = []
     for part, loader in loaders.items():
         try:
+            if share:
+                try:
+                    parts[part], file = frozen.load(
+                        part, path, image_dtype if part != "text_encoder" else None,
+                        unet_channels_last and part == "unet", loader, empty[part])
+                    shared_files.append(file)
+                    continue
+                except frozen.StoreUnavailable as error:
+                    frozen.warn(frozen.fallback_notice(error))
+                    share = False
             parts[part] = loader()
+            if unet_channels_last and part == "unet":
+                import torch
+
+                parts[part] = parts[part].to(memory_format=torch.channels_last)
         except Exception as error:
             raise _load_error(path, part.replace("_", " "), error) from None
+    try:
+        parts["noise_scheduler"] = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
+    except Exception as error:
+        raise _load_error(path, "noise scheduler", error) from None
     for part in ("text_encoder", "vae", "unet"):
         module = parts[part]
         module.requires_grad_(False)
         module.eval()
-    return Components(path=path, tokenizer=tokenizer, **parts)
+    return Components(path=path, tokenizer=tokenizer, shared_files=shared_files, **parts)
 
 
 def load_pipeline(model: str | Path, revision: str | None = None, torch_dtype=None):

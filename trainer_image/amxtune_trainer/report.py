@@ -47,12 +47,13 @@ def finish(trainer, started: float) -> None:
     from amxtune_trainer import outputs, samples
     from amxtune_trainer.distributed import all_gather_object
     from amxtune_trainer.progress import emit
-    from amxtune_trainer.runtime import peak_rss_mb
+    from amxtune_trainer.runtime import peak_rss_mb, pss_mb
 
     info, opt = trainer.info, trainer.opt
-    gathered = all_gather_object(
-        info, (parameters_digest(trainer.parameters), peak_rss_mb(), list(info.cores))
-    )
+    gathered = all_gather_object(info, (
+        parameters_digest(trainer.parameters), peak_rss_mb(), list(info.cores),
+        bool(trainer.components.shared_files), pss_mb(),
+    ))
     if not info.is_main:
         return
     digests = [g[0] for g in gathered]
@@ -95,6 +96,9 @@ def finish(trainer, started: float) -> None:
         "allreduce_bytes_per_step": trainer.allreduce.bytes_per_step,
         "rank_weights_sha256": digests,
         "peak_rss_mb_per_rank": [round(g[1], 1) for g in gathered],
+        # at the end of training; the memory benchmark samples the peak
+        "pss_mb_per_rank": [None if g[4] is None else round(g[4], 1) for g in gathered],
+        "frozen_weights_shared_per_rank": [g[3] for g in gathered],
         "cores_per_rank": [g[2] for g in gathered],
         "step_seconds": [round(s, 4) for s in trainer.step_seconds],
         "learning_rate": trainer.lr,

@@ -122,6 +122,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def pss_mb(pid: int | str = "self") -> float | None:
+    """A process's proportional set size now: its private pages plus its share of pages
+    mapped by several processes (the shared frozen weights count 1/P in each of P ranks)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def seed_for(*parts: int | str) -> int:
     """A 63-bit seed from its parts (seed, step, micro-batch, rank, ...), stable across runs."""
     digest = hashlib.blake2b(",".join(str(p) for p in parts).encode(), digest_size=8).digest()
