@@ -101,12 +101,31 @@ class DataSource(ApiModel):
         return self
 
 
+# A worker pod's memory when spec.workers.resources.memory is not set: one copy of the frozen
+# networks, shared by the pod's ranks, plus each rank's own (docs/performance.md, "One copy of
+# the frozen weights per node"; Stable Diffusion 1.5 at 512 px).
+MEMORY_PER_POD_GI = 8
+MEMORY_PER_RANK_GI = 4
+
+
+class WorkerResources(Resources):
+    """Requests = limits for every worker (Guaranteed QoS, so CPU pinning is honoured)."""
+
+    memory: Quantity | None = Field(  # type: ignore[assignment]
+        default=None,
+        description=f"Memory per worker pod. Default: {MEMORY_PER_POD_GI}Gi + "
+        f"{MEMORY_PER_RANK_GI}Gi per rank (ranksPerNode), from Stable Diffusion 1.5 at 512 px: "
+        "one copy of the frozen weights shared by the pod's ranks, and each rank's "
+        "activations and packed weights.",
+    )
+
+
 class Workers(ApiModel):
     nodes: int = Field(default=1, ge=1, le=256, description="Worker pods, one per AMX node.")
     ranks_per_node: int = Field(
         default=1, ge=1, le=64, description="Training processes (ranks) per worker pod."
     )
-    resources: Resources = Field(default_factory=Resources)
+    resources: WorkerResources = Field(default_factory=WorkerResources)
     require_amx: bool = Field(
         default=True, description="Only schedule on nodes labelled with every amxNodeLabels key."
     )
@@ -123,6 +142,13 @@ class Workers(ApiModel):
     scheduling_timeout_seconds: int | None = Field(
         default=None, ge=1, description="Fail when workers stay unschedulable this long."
     )
+
+    def pod_resources(self) -> Resources:
+        """cpu and memory of each worker pod, the memory default filled in."""
+        memory = self.resources.memory
+        if memory is None:
+            memory = f"{MEMORY_PER_POD_GI + MEMORY_PER_RANK_GI * self.ranks_per_node}Gi"
+        return Resources(cpu=self.resources.cpu, memory=memory)
 
     @model_validator(mode="after")
     def _selector_keys_are_label_keys(self) -> Workers:

@@ -12,7 +12,7 @@ from amxtune import manifest
 from amxtune.render import JobIdentity, RenderError, rank_layout, render_finetunejob
 from amxtune.render.inferencejob import inference_job_for, render_inferencejob
 from amxtune.settings import Settings
-from amxtune_api.export import ExportCache
+from amxtune_api.export import ExportCache, ExportSpec
 from amxtune_api.finetunejob import FineTuneJobSpec
 
 pytestmark = pytest.mark.unit
@@ -87,6 +87,22 @@ def test_too_few_cpus_for_the_ranks_names_the_field():
         render_finetunejob(JobIdentity("x", "ns", "u"), bad, Settings())
     assert info.value.field == "spec.workers.resources.cpu"
     assert "at least 8 CPUs" in str(info.value)
+
+
+@pytest.mark.parametrize(("workers", "memory"), [
+    ({"resources": {"cpu": "8"}}, "12Gi"),  # one copy of the weights + one rank's own
+    ({"resources": {"cpu": "8"}, "ranksPerNode": 4}, "24Gi"),  # still one copy, 4 ranks' own
+    ({"resources": {"cpu": "8", "memory": "20Gi"}, "ranksPerNode": 4}, "20Gi"),  # as asked
+])
+def test_worker_memory_defaults_to_one_copy_of_the_weights_plus_each_ranks_own(workers, memory):
+    job = spec(workers=workers).model_copy(update={"export": ExportSpec(prompts=["a <x>"])})
+    written = job.to_wire()["workers"]["resources"]  # the default is not written into the spec
+    assert ("memory" in written) == ("memory" in workers["resources"])
+    pods = render_finetunejob(JobIdentity("j", "ns", "u"), job, Settings()).pods
+    resources = pods[0]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == memory
+    inference = inference_job_for(JobIdentity("j", "ns", "u"), job, "j-output", "j")
+    assert inference["spec"]["runtime"]["resources"]["memory"] == memory  # the export pod's
 
 
 def test_every_worker_gets_its_rank_and_only_worker_0_mounts_data_and_output():

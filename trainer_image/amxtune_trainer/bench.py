@@ -14,7 +14,8 @@ over --passes passes, and prints both and their ratio.
 
 --memory samples every rank's RSS and PSS (proportional set size: pages mapped by several
 ranks count 1/P in each) four times a second and prints each rank's peak and the pod's (the
-peak of the ranks' summed PSS, what one worker pod holds); --frozen-weights shared private
+peak of the ranks' summed PSS, what one worker pod holds), and the pod's PSS after the last
+step (what training holds, without the transients of loading); --frozen-weights shared private
 compares one copy of the frozen networks per node (frozen.py) with one per rank.
 
 --same-learning trains the tiny model twice, with and without the speed-ups (bf16 weights +
@@ -171,6 +172,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
         "load_before": load_before, "load_after": os.getloadavg()[0],
         "wall_seconds": time.perf_counter() - started,
         **(sampler.result() if sampler is not None else {}),
+        # after the last step, every rank (what training holds, without loading's transients)
+        "end_pss_mb_per_rank": metrics.get("pss_mb_per_rank"),
     }
 
 
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ("| model | px | precision | ranks | frozen weights | s/step (median) | samples/s "
               "| peak RSS MB/rank | all-reduced B/step | load 1m before→after |")
     if args.memory:
-        header += " peak PSS MB/rank | peak PSS MB/pod |"
+        header += " peak PSS MB/rank | peak PSS MB/pod | PSS MB/pod at the end |"
     if args.flops:
         header += " GFLOP/step | TFLOP/s |"
     if results:
@@ -422,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['peak_rss_mb']:.0f} | {r['allreduce_bytes_per_step']} | "
                 f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
         if args.memory:
-            line += f" {r['peak_pss_mb']:.0f} | {r['peak_pod_pss_mb']:.0f} |"
+            end = sum(r["end_pss_mb_per_rank"] or [0])
+            line += f" {r['peak_pss_mb']:.0f} | {r['peak_pod_pss_mb']:.0f} | {end:.0f} |"
         if args.flops:
             line += f" {r['step_gflop']:.0f} | {r['achieved_tflops']:.3f} |"
         print(line)

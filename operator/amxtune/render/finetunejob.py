@@ -315,7 +315,7 @@ def render_worker(
         "imagePullPolicy": spec.runtime.image_pull_policy,
         "command": worker_command(job, spec, node_rank),
         "env": rank_environment(job, spec, settings, node_rank),
-        "resources": resource_list(spec.workers.resources),
+        "resources": resource_list(spec.workers.pod_resources()),
         "volumeMounts": mounts,
     }
     if node_rank == 0:
