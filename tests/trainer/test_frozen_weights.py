@@ -4,6 +4,7 @@ to private copies."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -72,6 +73,30 @@ def test_a_store_that_cannot_be_written_falls_back_to_private_copies(
     assert notice.count("notice:") == 1  # one notice, not one per network
 
 
+def test_a_full_disk_keeps_the_copy_loaded_to_write_it(tmp_path, tiny_model, monkeypatch,
+                                                       capsys):
+    from transformers import CLIPTextModel
+
+    monkeypatch.setenv(frozen.DIR_ENV, str(tmp_path))
+    loads = []
+    load = CLIPTextModel.from_pretrained.__func__
+    monkeypatch.setattr(CLIPTextModel, "from_pretrained", classmethod(
+        lambda cls, *args, **kwargs: loads.append(1) or load(cls, *args, **kwargs)))
+
+    def full_disk(tensors, out):
+        out.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    components = models.load_components(tiny_model, unet_channels_last=True, share=True)
+    assert components.shared_files == []
+    assert len(loads) == 1  # the text encoder loaded to be written is kept, not loaded again
+    assert components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    notice = capsys.readouterr().err
+    assert "No space left on device" in notice and notice.count("notice:") == 1
+    assert not list((tmp_path / "amxtune-frozen").glob("*.p*"))  # no .pt, no .partial
+
+
 def test_a_broken_model_is_reported_as_the_model_not_the_store(tmp_path, tiny_model,
                                                               monkeypatch, capsys):
     broken = tmp_path / "model"
@@ -82,11 +107,13 @@ def test_a_broken_model_is_reported_as_the_model_not_the_store(tmp_path, tiny_mo
     with pytest.raises(UserError, match="cannot load the unet of model"):
         models.load_components(broken, share=True)
     assert "notice" not in capsys.readouterr().err
-    assert not list((tmp_path / "store" / "amxtune-frozen").glob("unet-*.pt"))
+    # the text encoder's and VAE's files were written before the UNet failed: gone too
+    assert not list((tmp_path / "store" / "amxtune-frozen").glob("*.pt"))
 
 
 def test_two_local_ranks_share_one_copy(tmp_path, tiny_model, concept_dir):
     store = tmp_path / "store"
+    store.mkdir()
 
     def train(out: Path, **env: str) -> dict:
         result = run_trainer([
@@ -97,9 +124,12 @@ def test_two_local_ranks_share_one_copy(tmp_path, tiny_model, concept_dir):
         return json.loads((out / "metrics.json").read_text())
 
     metrics = train(tmp_path / "shared")
-    assert metrics["frozen_weights_shared_per_rank"] == [True, True]
-    assert all(pss > 0 for pss in metrics["pss_mb_per_rank"])
-    assert not list((store / "amxtune-frozen").glob("*.pt"))  # unlinked once both mapped
+    # every rank's frozen UNet and text encoder are read from the mapped file, none copied
+    mapped = metrics["frozen_weights_mapped_mb_per_rank"]
+    unet = models.load_components(tiny_model).unet
+    size_mb = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+    assert len(mapped) == 2 and all(m > size_mb for m in mapped), (mapped, size_mb)
+    assert list(store.iterdir()) == []  # the launch's folder is gone with its ranks
 
     metrics = train(tmp_path / "private", **{frozen.SHARE_ENV: "0"})
-    assert metrics["frozen_weights_shared_per_rank"] == [False, False]
+    assert metrics["frozen_weights_mapped_mb_per_rank"] == [0, 0]

@@ -14,6 +14,7 @@ from amxtune.render.inferencejob import inference_job_for, render_inferencejob
 from amxtune.settings import Settings
 from amxtune_api.export import ExportCache, ExportSpec
 from amxtune_api.finetunejob import FineTuneJobSpec
+from amxtune_api.inferencejob import InferenceJobSpec
 
 pytestmark = pytest.mark.unit
 
@@ -102,7 +103,8 @@ def test_worker_memory_defaults_to_one_copy_of_the_weights_plus_each_ranks_own(w
     resources = pods[0]["spec"]["containers"][0]["resources"]
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == memory
     inference = inference_job_for(JobIdentity("j", "ns", "u"), job, "j-output", "j")
-    assert inference["spec"]["runtime"]["resources"]["memory"] == memory  # the export pod's
+    exporting = InferenceJobSpec.model_validate(inference["spec"]).runtime.resources
+    assert exporting.memory == workers["resources"].get("memory", "16Gi")  # not the ranks' sum
 
 
 def test_every_worker_gets_its_rank_and_only_worker_0_mounts_data_and_output():

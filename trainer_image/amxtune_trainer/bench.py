@@ -162,8 +162,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
         "name": name, "method": method, "model": model, "resolution": resolution,
         "precision": precision,
         "ranks": ranks, "used_precision": metrics["mixed_precision"]["used"],
-        "frozen_weights": "shared" if all(metrics["frozen_weights_shared_per_rank"])
-        else "private",
+        "frozen_weights": "shared" if all(metrics["frozen_weights_mapped_mb_per_rank"])
+        else "private" if not any(metrics["frozen_weights_mapped_mb_per_rank"]) else "partly",
         "steps_timed": len(times), "seconds_per_step": median,
         "min_seconds_per_step": min(times),
         "samples_per_second": ranks / median,  # batch 1 per rank
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['peak_rss_mb']:.0f} | {r['allreduce_bytes_per_step']} | "
                 f"{r['load_before']:.1f}→{r['load_after']:.1f} |")
         if args.memory:
-            end = sum(r["end_pss_mb_per_rank"] or [0])
+            end = sum(pss or 0 for pss in r["end_pss_mb_per_rank"] or [])
             line += f" {r['peak_pss_mb']:.0f} | {r['peak_pod_pss_mb']:.0f} | {end:.0f} |"
         if args.flops:
             line += f" {r['step_gflop']:.0f} | {r['achieved_tflops']:.3f} |"

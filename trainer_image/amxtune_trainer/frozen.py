@@ -2,13 +2,16 @@
 
 Each rank used to load its own UNet, VAE and text encoder (4.2 GB for SD 1.5 in fp32), so a pod
 of P ranks held P copies of weights that nobody changes. Here the first local rank loads each
-network once, already in the dtype and memory layout training uses, and writes its tensors to a
-node-local file; every rank then builds the network on the meta device and memory-maps that file
+network once, as `load_components` gives it (UNet and VAE in the training dtype, the UNet in
+its memory layout, the text encoder in fp32), and writes its tensors to a node-local file;
+every rank then builds the network on the meta device and memory-maps that file
 (`torch.load(mmap=True)`). The mapped pages are the page cache's: every process that maps the
 file shares them, and the pod's memory cgroup counts them once. Nothing writes to frozen weights
-(recipes wrap them: the spliced token table, LoRA adapters), so the copy-on-write mappings stay
-shared. Once every rank has mapped the files (the all-gather after loading), they are unlinked:
-the mappings keep them alive and nothing is left on disk.
+(recipes wrap them: the spliced token table, LoRA adapters; `accelerator: ipex` does replace
+them with private copies), so the copy-on-write mappings stay shared. Once every rank has
+mapped the files (the all-gather after loading), they are unlinked: the mappings keep them
+alive. `amxtune-train launch` gives its ranks a folder of their own and removes it when they
+exit, so a rank killed mid-write leaves nothing either.
 
 What stays private per rank: activations, the trainable parameters, and, with bf16, the text
 encoder's bf16 copy (it is loaded in fp32 so the new token rows start from the fp32 table) and
@@ -16,7 +19,7 @@ the packed convolution weights (fastconv.py; oneDNN's blocked layouts cannot be 
 
 One local rank loads the normal way, as before (nothing to share). `AMXTUNE_SHARE_FROZEN_WEIGHTS=0`
 turns sharing off (the memory benchmark compares both); a file that cannot be written (a full
-/tmp) falls back to private copies with a notice.
+/tmp) leaves each rank its own copy, with a notice from each.
 """
 
 from __future__ import annotations
@@ -65,7 +68,12 @@ def file_key(path: Path, part: str, dtype: Any, channels_last: bool) -> str:
 
 
 class StoreUnavailable(Exception):
-    """The node's folder cannot hold or map the files: load a private copy instead."""
+    """The node's folder cannot hold or map the files: keep a private copy instead
+    (`module`: the one already loaded to write the file, if any)."""
+
+    def __init__(self, cause: BaseException, module: Any = None):
+        super().__init__(cause)
+        self.module = module
 
 
 @contextlib.contextmanager
@@ -94,7 +102,8 @@ def _write(file: Path, module) -> None:
 
     partial = file.with_name(f"{file.name}.{os.getpid()}.partial")
     try:
-        torch.save(_tensors(module), partial)
+        with open(partial, "wb") as out:  # a file object: a full disk is an OSError (ENOSPC)
+            torch.save(_tensors(module), out)
         os.replace(partial, file)
     finally:
         partial.unlink(missing_ok=True)
@@ -104,7 +113,10 @@ def _assign(module, tensors: dict) -> None:
     """Put the mapped tensors in place of the meta ones (parameters stay frozen)."""
     import torch
 
+    expected = _tensors(module)
     for name, tensor in tensors.items():
+        if name not in expected or expected[name].shape != tensor.shape:
+            raise RuntimeError(f"the shared weights file does not fit the network at {name}")
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         if leaf in owner._parameters:
@@ -134,8 +146,8 @@ def load(part: str, path: Path, dtype: Any, channels_last: bool,
                 module = module.to(memory_format=torch.channels_last)
             try:
                 _write(file, module)
-            except OSError as error:
-                raise StoreUnavailable(error) from None
+            except (OSError, RuntimeError) as error:  # the model loaded: the store failed
+                raise StoreUnavailable(error, module) from None
             del module
         try:
             tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
@@ -155,6 +167,27 @@ def release(files: list[Path]) -> None:
     for file in files:
         with _locked(file.parent, file.stem):
             file.unlink(missing_ok=True)
+
+
+def mapped_bytes(modules) -> int:
+    """Bytes of the modules' tensors that live in a mapping of a store file (what this rank
+    shares), read from /proc/self/maps: 0 when they were copied after all."""
+    ranges = []
+    try:
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and "/amxtune-frozen/" in fields[5]:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((start, end))
+    except OSError:
+        return 0
+    total = 0
+    for module in modules:
+        for tensor in _tensors(module).values():
+            address = tensor.data_ptr()
+            if any(start <= address < end for start, end in ranges):
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def fallback_notice(error: StoreUnavailable) -> str:

@@ -13,7 +13,8 @@ first failing rank's code, which the operator reads (amxtune_api.events).
 
 Signals: SIGINT/SIGTERM are passed on to every rank once; the ranks end their current step and
 save a checkpoint of it (textual_inversion), and those that outlive a grace period are killed.
-The ranks die with the launcher (PR_SET_PDEATHSIG), so nothing is left behind.
+The ranks die with the launcher (PR_SET_PDEATHSIG), so nothing is left behind; neither is the
+folder of this launch where the ranks share the frozen weights (frozen.py).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 GRACE_SECONDS = 10.0  # how long ranks may take to stop once a peer failed
@@ -137,6 +140,31 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("name the subcommand to launch after --, e.g. "
                         "`amxtune-train launch --nproc-per-node 2 -- textual-inversion ...`")
     envs = rank_environments(args, dict(os.environ))
+    store = frozen_store(envs) if args.nproc_per_node > 1 else None
+    try:
+        return _run_ranks(args, command, envs)
+    finally:
+        if store is not None:  # what a killed rank left behind goes too
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def frozen_store(envs: list[dict[str, str]]) -> str | None:
+    """A folder of this launch's own for the frozen weights the ranks share (frozen.py),
+    inside $AMXTUNE_FROZEN_WEIGHTS_DIR or the temp folder: private to this user, not shared
+    with another job's ranks, removed when the ranks have exited."""
+    from amxtune_trainer import frozen
+
+    base = envs[0].get(frozen.DIR_ENV) or None
+    try:
+        store = tempfile.mkdtemp(prefix="amxtune-launch-", dir=base)
+    except OSError:
+        return None  # the ranks find the same and keep private copies, with a notice
+    for env in envs:
+        env[frozen.DIR_ENV] = store
+    return store
+
+
+def _run_ranks(args: argparse.Namespace, command: list[str], envs: list[dict[str, str]]) -> int:
     first_rank = args.node_rank * args.nproc_per_node
     ranks = Ranks(command, envs)
 

@@ -164,29 +164,37 @@ def load_components(path: Path, image_dtype=None, *, unet_channels_last: bool = 
     }
     parts: dict[str, Any] = {}
     shared_files: list[Path] = []
-    for part, loader in loaders.items():
-        try:
-            if share:
-                try:
-                    parts[part], file = frozen.load(
-                        part, path, image_dtype if part != "text_encoder" else None,
-                        unet_channels_last and part == "unet", loader, empty[part])
-                    shared_files.append(file)
-                    continue
-                except frozen.StoreUnavailable as error:
-                    frozen.warn(frozen.fallback_notice(error))
-                    share = False
-            parts[part] = loader()
-            if unet_channels_last and part == "unet":
-                import torch
-
-                parts[part] = parts[part].to(memory_format=torch.channels_last)
-        except Exception as error:
-            raise _load_error(path, part.replace("_", " "), error) from None
     try:
-        parts["noise_scheduler"] = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
-    except Exception as error:
-        raise _load_error(path, "noise scheduler", error) from None
+        for part, loader in loaders.items():
+            try:
+                if share:
+                    try:
+                        parts[part], file = frozen.load(
+                            part, path, image_dtype if part != "text_encoder" else None,
+                            unet_channels_last and part == "unet", loader, empty[part])
+                        shared_files.append(file)
+                        continue
+                    except frozen.StoreUnavailable as error:
+                        frozen.warn(frozen.fallback_notice(error))
+                        share = False
+                        if error.module is not None:
+                            parts[part] = error.module
+                            continue
+                parts[part] = loader()
+                if unet_channels_last and part == "unet":
+                    import torch
+
+                    parts[part] = parts[part].to(memory_format=torch.channels_last)
+            except Exception as error:
+                raise _load_error(path, part.replace("_", " "), error) from None
+        try:
+            parts["noise_scheduler"] = DDPMScheduler.from_pretrained(str(path),
+                                                                     subfolder="scheduler")
+        except Exception as error:
+            raise _load_error(path, "noise scheduler", error) from None
+    except UserError:
+        frozen.release(shared_files)  # the job fails: leave nothing on disk
+        raise
     for part in ("text_encoder", "vae", "unet"):
         module = parts[part]
         module.requires_grad_(False)

@@ -44,7 +44,7 @@ def parameters_digest(parameters) -> str:
 
 
 def finish(trainer, started: float) -> None:
-    from amxtune_trainer import outputs, samples
+    from amxtune_trainer import frozen, outputs, samples
     from amxtune_trainer.distributed import all_gather_object
     from amxtune_trainer.progress import emit
     from amxtune_trainer.runtime import peak_rss_mb, pss_mb
@@ -52,7 +52,7 @@ def finish(trainer, started: float) -> None:
     info, opt = trainer.info, trainer.opt
     gathered = all_gather_object(info, (
         parameters_digest(trainer.parameters), peak_rss_mb(), list(info.cores),
-        bool(trainer.components.shared_files), pss_mb(),
+        frozen.mapped_bytes([trainer.unet, trainer.text_encoder]) / 2**20, pss_mb(),
     ))
     if not info.is_main:
         return
@@ -98,7 +98,8 @@ def finish(trainer, started: float) -> None:
         "peak_rss_mb_per_rank": [round(g[1], 1) for g in gathered],
         # at the end of training; the memory benchmark samples the peak
         "pss_mb_per_rank": [None if g[4] is None else round(g[4], 1) for g in gathered],
-        "frozen_weights_shared_per_rank": [g[3] for g in gathered],
+        # the frozen UNet's and text encoder's bytes mapped from the node's one copy (frozen.py)
+        "frozen_weights_mapped_mb_per_rank": [round(g[3], 1) for g in gathered],
         "cores_per_rank": [g[2] for g in gathered],
         "step_seconds": [round(s, 4) for s in trainer.step_seconds],
         "learning_rate": trainer.lr,

@@ -143,7 +143,8 @@ def inference_job_for(job: JobIdentity, spec: FineTuneJobSpec, claim_name: str,
             source["lora"] = LORA_FILE
     elif spec.export.cache.enabled or not spec.training.save_as_full_pipeline:
         source["model"] = spec.model.to_wire()  # the cache works from the base model
-    runtime: dict = {"resources": spec.workers.pod_resources().to_wire()}
+    # the workers' cpu, and their memory only when set: the export's needs are not the ranks'
+    runtime: dict = {"resources": spec.workers.resources.to_wire()}
     if spec.runtime.image:
         runtime["image"] = spec.runtime.image
     runtime["imagePullPolicy"] = spec.runtime.image_pull_policy
