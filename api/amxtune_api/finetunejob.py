@@ -111,7 +111,7 @@ MEMORY_PER_RANK_GI = 4
 class WorkerResources(Resources):
     """Requests = limits for every worker (Guaranteed QoS, so CPU pinning is honoured)."""
 
-    memory: Quantity | None = Field(  # type: ignore[assignment]
+    memory: Quantity | None = Field(
         default=None,
         description=f"Memory per worker pod. Default: {MEMORY_PER_POD_GI}Gi + "
         f"{MEMORY_PER_RANK_GI}Gi per rank (ranksPerNode), from Stable Diffusion 1.5 at 512 px: "

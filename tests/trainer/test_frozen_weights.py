@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import BASE_ARGS, run_trainer, trainer_env
+from trainer_helpers import BASE_ARGS, events, run_trainer, trainer_env
 
 from amxtune_trainer import frozen, models
 from amxtune_trainer.errors import UserError
@@ -61,20 +61,18 @@ def test_mapped_networks_are_the_loaded_ones_and_leave_no_file(tmp_path, tiny_mo
 
 
 def test_a_store_that_cannot_be_written_falls_back_to_private_copies(
-        tmp_path, tiny_model, monkeypatch, capsys):
+        tmp_path, tiny_model, monkeypatch):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     monkeypatch.setenv(frozen.DIR_ENV, str(not_a_folder))
     components = models.load_components(tiny_model, share=True)
     assert components.shared_files == []
     assert components.unet is not None
-    notice = capsys.readouterr().err
+    [notice] = components.notices  # one notice, not one per network
     assert "frozen weights are not shared" in notice and frozen.DIR_ENV in notice
-    assert notice.count("notice:") == 1  # one notice, not one per network
 
 
-def test_a_full_disk_keeps_the_copy_loaded_to_write_it(tmp_path, tiny_model, monkeypatch,
-                                                       capsys):
+def test_a_full_disk_keeps_the_copy_loaded_to_write_it(tmp_path, tiny_model, monkeypatch):
     from transformers import CLIPTextModel
 
     monkeypatch.setenv(frozen.DIR_ENV, str(tmp_path))
@@ -92,13 +90,13 @@ def test_a_full_disk_keeps_the_copy_loaded_to_write_it(tmp_path, tiny_model, mon
     assert components.shared_files == []
     assert len(loads) == 1  # the text encoder loaded to be written is kept, not loaded again
     assert components.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    notice = capsys.readouterr().err
-    assert "No space left on device" in notice and notice.count("notice:") == 1
+    [notice] = components.notices
+    assert "No space left on device" in notice
     assert not list((tmp_path / "amxtune-frozen").glob("*.p*"))  # no .pt, no .partial
 
 
 def test_a_broken_model_is_reported_as_the_model_not_the_store(tmp_path, tiny_model,
-                                                              monkeypatch, capsys):
+                                                              monkeypatch):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)
     for weights in (broken / "unet").glob("*.safetensors"):
@@ -106,7 +104,6 @@ def test_a_broken_model_is_reported_as_the_model_not_the_store(tmp_path, tiny_mo
     monkeypatch.setenv(frozen.DIR_ENV, str(tmp_path / "store"))
     with pytest.raises(UserError, match="cannot load the unet of model"):
         models.load_components(broken, share=True)
-    assert "notice" not in capsys.readouterr().err
     # the text encoder's and VAE's files were written before the UNet failed: gone too
     assert not list((tmp_path / "store" / "amxtune-frozen").glob("*.pt"))
 
@@ -119,9 +116,13 @@ def test_two_local_ranks_share_one_copy(tmp_path, tiny_model, concept_dir):
         result = run_trainer([
             *BASE_ARGS, "--train-data-dir", str(concept_dir), "--output-dir", str(out),
             "--max-train-steps", "2", "--seed", "3", "--distributed-backend", "gloo",
-        ], ranks=2, env=trainer_env(**{frozen.DIR_ENV: str(store)}, **env))
+        ], ranks=2, env=trainer_env(**{frozen.DIR_ENV: str(store), **env}))
         assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads((out / "metrics.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+        [started] = [e for e in events(result.stdout) if e["event"] == "started"]
+        metrics["started_notices"] = started["notices"]
+        metrics["stderr"] = result.stderr
+        return metrics
 
     metrics = train(tmp_path / "shared")
     # every rank's frozen UNet and text encoder are read from the mapped file, none copied
@@ -133,3 +134,13 @@ def test_two_local_ranks_share_one_copy(tmp_path, tiny_model, concept_dir):
 
     metrics = train(tmp_path / "private", **{frozen.SHARE_ENV: "0"})
     assert metrics["frozen_weights_mapped_mb_per_rank"] == [0, 0]
+    assert not any("frozen weights" in n for n in metrics["started_notices"])
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    metrics = train(tmp_path / "unwritable", **{frozen.DIR_ENV: str(not_a_folder)})
+    assert metrics["frozen_weights_mapped_mb_per_rank"] == [0, 0]
+    # rank 0's notice, once in the log and in the started event (status.trainer)
+    [notice] = [n for n in metrics["started_notices"] if "frozen weights" in n]
+    assert frozen.DIR_ENV in notice
+    assert metrics["stderr"].count("frozen weights are not shared") == 1

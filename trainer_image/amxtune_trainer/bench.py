@@ -12,8 +12,8 @@ inversion. --against-reference SCRIPT also runs the diffusers script for the met
 the user points at, see bench_reference.py) on the same configuration, in alternating order
 over --passes passes, and prints both and their ratio.
 
---memory samples every rank's RSS and PSS (proportional set size: pages mapped by several
-ranks count 1/P in each) four times a second and prints each rank's peak and the pod's (the
+--memory samples every rank's PSS (proportional set size: pages mapped by several ranks
+count 1/P in each) four times a second and prints each rank's peak and the pod's (the
 peak of the ranks' summed PSS, what one worker pod holds), and the pod's PSS after the last
 step (what training holds, without the transients of loading); --frozen-weights shared private
 compares one copy of the frozen networks per node (frozen.py) with one per rank.
@@ -78,46 +78,40 @@ def trainer_args(model: str, data: Path, out: Path, resolution: int, precision: 
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS and PSS of the rank processes under `pid` (the rank itself, or the launcher's
-    children), and the peak of their summed PSS."""
+    """Peak PSS of each rank process under `pid` (the rank itself, or the launcher's
+    children), and the peak of their sum: what the pod holds."""
 
     def __init__(self, pid: int, interval: float = 0.25):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
-        self.peak_rss: dict[int, float] = {}
         self.peak_pss: dict[int, float] = {}
         self.peak_pod_pss = 0.0
         self.done = threading.Event()
 
-    def _ranks(self):
+    def _ranks(self) -> list[int]:
         import psutil
 
         try:
             root = psutil.Process(self.pid)
-            children = [c for c in root.children() if "amxtune_trainer" in " ".join(c.cmdline())]
+            return [c.pid for c in root.children()
+                    if "amxtune_trainer" in " ".join(c.cmdline())] or [self.pid]
         except psutil.Error:
             return []
-        return children or [root]
 
     def run(self) -> None:
-        import psutil
+        from amxtune_trainer.runtime import pss_mb
 
         while not self.done.wait(self.interval):
             total = 0.0
-            for process in self._ranks():
-                try:
-                    info = process.memory_full_info()
-                except psutil.Error:
-                    continue
-                rss, pss = info.rss / 2**20, info.pss / 2**20
-                self.peak_rss[process.pid] = max(self.peak_rss.get(process.pid, 0.0), rss)
-                self.peak_pss[process.pid] = max(self.peak_pss.get(process.pid, 0.0), pss)
-                total += pss
+            for pid in self._ranks():
+                pss = pss_mb(pid)
+                if pss is not None:
+                    self.peak_pss[pid] = max(self.peak_pss.get(pid, 0.0), pss)
+                    total += pss
             self.peak_pod_pss = max(self.peak_pod_pss, total)
 
     def result(self) -> dict:
-        return {"sampled_peak_rss_mb": max(self.peak_rss.values(), default=0.0),
-                "peak_pss_mb": max(self.peak_pss.values(), default=0.0),
+        return {"peak_pss_mb": max(self.peak_pss.values(), default=0.0),
                 "peak_pod_pss_mb": self.peak_pod_pss}
 
 
@@ -339,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=["shared"], help="one copy of the frozen networks per node "
                         "(several local ranks) or one per rank")
     parser.add_argument("--memory", action="store_true",
-                        help="sample every rank's RSS and PSS; print the peaks per rank and pod")
+                        help="sample every rank's PSS; print the peaks per rank and pod")
     parser.add_argument("--steps", type=int, default=6, help="steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="first steps not timed")
     parser.add_argument("--flops", action="store_true", help="count FLOPs, compare to peak")

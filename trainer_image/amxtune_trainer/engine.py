@@ -147,7 +147,7 @@ class Trainer:
             from amxtune_trainer import frozen
 
             components = models.load_components(
-                path, torch.bfloat16 if self.plan.bf16 else None,
+                path, torch.bfloat16 if self.plan.bf16 else torch.float32,
                 unet_channels_last=self.plan.channels_last,
                 share=frozen.wanted(self.info.local_world_size),
             )
@@ -155,10 +155,11 @@ class Trainer:
         except UserError as exc:
             error = str(exc)
         errors = [e for e in all_gather_object(self.info, error) if e]
-        if components is not None and components.shared_files:
+        if components is not None:
             from amxtune_trainer import frozen
 
             frozen.release(components.shared_files)  # every rank has mapped them by now
+            self.plan.notices += components.notices  # announced with the CPU plan's
         if errors:
             raise UserError(errors[0], every_rank=True)
         return concept, components, resume, checked
@@ -195,12 +196,11 @@ class Trainer:
         self.bf16 = self.plan.bf16
         self.weight_dtype = torch.bfloat16 if self.bf16 else torch.float32
 
-        # Frozen networks: eval, no grad, weights in the compute dtype, UNet channels_last.
-        self.unet = comps.unet.to(dtype=self.weight_dtype)
-        if self.plan.channels_last:
-            self.unet = self.unet.to(memory_format=torch.channels_last)
+        # Frozen networks: eval, no grad; UNet and VAE were loaded in the compute dtype and
+        # layout (_validate), the text encoder in fp32 for the new rows' initial values.
+        self.unet = comps.unet
         self.text_encoder = comps.text_encoder.to(dtype=self.weight_dtype)
-        self.vae = comps.vae.to(dtype=self.weight_dtype) if self.info.is_main else None
+        self.vae = comps.vae if self.info.is_main else None
         if not self.info.is_main:
             comps.vae = None
         if self.rt.accelerator == "ipex":

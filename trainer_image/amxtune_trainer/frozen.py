@@ -19,7 +19,7 @@ the packed convolution weights (fastconv.py; oneDNN's blocked layouts cannot be 
 
 One local rank loads the normal way, as before (nothing to share). `AMXTUNE_SHARE_FROZEN_WEIGHTS=0`
 turns sharing off (the memory benchmark compares both); a file that cannot be written (a full
-/tmp) leaves each rank its own copy, with a notice from each.
+/tmp) leaves each rank its own copy, and rank 0's notice reaches the log and status.trainer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 FORMAT = 1  # bump when what a file holds changes
 SHARE_ENV = "AMXTUNE_SHARE_FROZEN_WEIGHTS"
 DIR_ENV = "AMXTUNE_FROZEN_WEIGHTS_DIR"  # default: $TMPDIR or /tmp (a pod's /tmp emptyDir)
-PARTS = ("text_encoder", "vae", "unet")
+STORE_NAME = "amxtune-frozen"  # the folder in it (mapped_bytes finds the files by it)
 
 
 def wanted(local_world_size: int) -> bool:
@@ -45,18 +44,18 @@ def wanted(local_world_size: int) -> bool:
 
 
 def store_dir() -> Path:
-    return Path(os.environ.get(DIR_ENV) or tempfile.gettempdir()) / "amxtune-frozen"
+    return Path(os.environ.get(DIR_ENV) or tempfile.gettempdir()) / STORE_NAME
 
 
-def file_key(path: Path, part: str, dtype: Any, channels_last: bool) -> str:
-    """Names what a file holds: the model folder's files (name, size, mtime), the conversion,
-    and the library versions that build the network."""
+def file_key(path: Path, part: str, variant: tuple) -> str:
+    """Names what a file holds: the model folder's files (name, size, mtime), how the network
+    was loaded (`variant`: dtype, layout), and the library versions that build it."""
     import diffusers
     import torch
     import transformers
 
     digest = hashlib.sha256(repr((
-        FORMAT, str(path.resolve()), part, str(dtype), channels_last,
+        FORMAT, str(path.resolve()), part, *map(str, variant),
         torch.__version__, diffusers.__version__, transformers.__version__,
     )).encode())
     for file in sorted((path / part).rglob("*")):
@@ -130,20 +129,19 @@ def _assign(module, tensors: dict) -> None:
         raise RuntimeError(f"the shared weights file lacks {', '.join(missing[:3])}")
 
 
-def load(part: str, path: Path, dtype: Any, channels_last: bool,
-         load_private: Callable[[], Any], build_empty: Callable[[], Any]):
+def load(part: str, path: Path, variant: tuple, load_private: Callable[[], Any],
+         build_empty: Callable[[], Any]):
     """`part` of the model at `path`, its tensors mapped from this node's shared file (written
-    from `load_private()` by whichever rank comes first). Returns (module, file)."""
+    from `load_private()`, the network as training uses it, by whichever rank comes first).
+    Returns (module, file)."""
     import torch
 
     directory = store_dir()
-    name = file_key(path, part, dtype, channels_last)
+    name = file_key(path, part, variant)
     file = directory / f"{name}.pt"
     with _locked(directory, name):
         if not file.is_file():
             module = load_private()  # its errors are the model's, not the store's
-            if channels_last:
-                module = module.to(memory_format=torch.channels_last)
             try:
                 _write(file, module)
             except (OSError, RuntimeError) as error:  # the model loaded: the store failed
@@ -176,7 +174,7 @@ def mapped_bytes(modules) -> int:
     try:
         for line in Path("/proc/self/maps").read_text().splitlines():
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and "/amxtune-frozen/" in fields[5]:
+            if len(fields) == 6 and f"/{STORE_NAME}/" in fields[5]:
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 ranges.append((start, end))
     except OSError:
@@ -196,7 +194,3 @@ def fallback_notice(error: StoreUnavailable) -> str:
     return (f"frozen weights are not shared between this node's ranks ({reason}: "
             f"{store_dir()}); each rank holds its own copy. Set {DIR_ENV} to a folder with room "
             "for one copy of the model")
-
-
-def warn(message: str) -> None:
-    print(f"notice: {message}", file=sys.stderr, flush=True)

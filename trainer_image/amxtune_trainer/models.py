@@ -114,6 +114,7 @@ class Components:
     unet: Any
     noise_scheduler: Any
     shared_files: list[Path] = field(default_factory=list)  # frozen.py: unlink once all mapped
+    notices: list[str] = field(default_factory=list)  # why they are not shared after all
 
 
 def _load_error(path: Path, part: str, error: Exception) -> UserError:
@@ -139,8 +140,10 @@ def load_components(path: Path, image_dtype=None, *, unet_channels_last: bool = 
     The text encoder is loaded in fp32 (the new vectors start from its rows); the UNet and VAE
     in `image_dtype` (default fp32), which halves the peak memory for bf16 training; the UNet
     in channels_last when asked. `share`: map the three networks from this node's shared files
-    (frozen.py) instead of holding a copy of our own.
+    (frozen.py) instead of holding a copy of our own; when they cannot be written, the copy is
+    our own after all and `notices` says why.
     """
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -148,43 +151,42 @@ def load_components(path: Path, image_dtype=None, *, unet_channels_last: bool = 
 
     tokenizer = load_tokenizer(path)
     kwargs = {"torch_dtype": image_dtype} if image_dtype is not None else {}
-    loaders = {
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(str(path / "text_encoder")),
-        "vae": lambda: AutoencoderKL.from_pretrained(str(path), subfolder="vae", **kwargs),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(str(path), subfolder="unet",
-                                                             **kwargs),
-    }
-    empty = {
-        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(
-            str(path / "text_encoder"))),
-        "vae": lambda: AutoencoderKL.from_config(
-            AutoencoderKL.load_config(str(path), subfolder="vae")),
-        "unet": lambda: UNet2DConditionModel.from_config(
-            UNet2DConditionModel.load_config(str(path), subfolder="unet")),
+    unet_layout = torch.channels_last if unet_channels_last else torch.contiguous_format
+    loaders = {  # part -> (how it is loaded: the shared file's variant, load, build empty)
+        "text_encoder": ((None,), lambda: CLIPTextModel.from_pretrained(
+            str(path / "text_encoder")), lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(
+                str(path / "text_encoder")))),
+        "vae": ((image_dtype,), lambda: AutoencoderKL.from_pretrained(
+            str(path), subfolder="vae", **kwargs), lambda: AutoencoderKL.from_config(
+                AutoencoderKL.load_config(str(path), subfolder="vae"))),
+        "unet": ((image_dtype, unet_layout), lambda: UNet2DConditionModel.from_pretrained(
+            str(path), subfolder="unet", **kwargs).to(memory_format=unet_layout),
+            lambda: UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(str(path), subfolder="unet"))),
     }
     parts: dict[str, Any] = {}
     shared_files: list[Path] = []
-    try:
-        for part, loader in loaders.items():
-            try:
-                if share:
-                    try:
-                        parts[part], file = frozen.load(
-                            part, path, image_dtype if part != "text_encoder" else None,
-                            unet_channels_last and part == "unet", loader, empty[part])
-                        shared_files.append(file)
-                        continue
-                    except frozen.StoreUnavailable as error:
-                        frozen.warn(frozen.fallback_notice(error))
-                        share = False
-                        if error.module is not None:
-                            parts[part] = error.module
-                            continue
-                parts[part] = loader()
-                if unet_channels_last and part == "unet":
-                    import torch
+    notices: list[str] = []
 
-                    parts[part] = parts[part].to(memory_format=torch.channels_last)
+    def load(part: str):
+        nonlocal share
+        variant, load_private, build_empty = loaders[part]
+        if share:
+            try:
+                module, file = frozen.load(part, path, variant, load_private, build_empty)
+                shared_files.append(file)
+                return module
+            except frozen.StoreUnavailable as error:
+                notices.append(frozen.fallback_notice(error))
+                share = False
+                if error.module is not None:  # loaded to be written: keep it
+                    return error.module
+        return load_private()
+
+    try:
+        for part in loaders:
+            try:
+                parts[part] = load(part)
             except Exception as error:
                 raise _load_error(path, part.replace("_", " "), error) from None
         try:
@@ -195,11 +197,11 @@ def load_components(path: Path, image_dtype=None, *, unet_channels_last: bool = 
     except UserError:
         frozen.release(shared_files)  # the job fails: leave nothing on disk
         raise
-    for part in ("text_encoder", "vae", "unet"):
-        module = parts[part]
-        module.requires_grad_(False)
-        module.eval()
-    return Components(path=path, tokenizer=tokenizer, shared_files=shared_files, **parts)
+    for part in loaders:
+        parts[part].requires_grad_(False)
+        parts[part].eval()
+    return Components(path=path, tokenizer=tokenizer, shared_files=shared_files,
+                      notices=notices, **parts)
 
 
 def load_pipeline(model: str | Path, revision: str | None = None, torch_dtype=None):
