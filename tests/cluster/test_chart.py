@@ -18,17 +18,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "amxtune"
 
 
 def helm(cp: ControlPlane, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [str(cp.binary("helm")), f"--kubeconfig={cp.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-        env={"HOME": str(cp.log_dir), "PATH": "/usr/bin:/bin"},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+    return cp.helm(*args, check=check)
 
 
 NON_DEFAULT = [

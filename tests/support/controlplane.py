@@ -118,8 +118,11 @@ BINARIES = (
     "kube-controller-manager",
     "kube-scheduler",
     "kubectl",
+    "kubelet",
+    "kube-proxy",
     "kwok",
     "helm",
+    "coredns",
 )
 
 
@@ -401,6 +404,10 @@ class _Component:
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager + kube-scheduler + kwok on loopback.
 
+    `address` moves the apiserver from loopback to another address of this machine, one the
+    caller owns (tests/support/node.py: real nodes, whose pods reach it there and through the
+    `kubernetes` Service).
+
     Use as a context manager, or call `start()` and `stop()`. All state (certificates,
     etcd data, kubeconfigs, logs) lives in one temporary directory that `stop()` removes;
     `stop(keep_logs=True)` first copies the component logs (and a dump of the cluster
@@ -414,8 +421,10 @@ class ControlPlane:
         start_timeout: float = 90.0,
         log_verbosity: int = 1,
         workdir_parent: Path | None = None,
+        address: str = LOOPBACK,
     ) -> None:
         self._bin_dir = bin_dir
+        self.address = address
         self.start_timeout = start_timeout
         self.log_verbosity = log_verbosity
         self._workdir_parent = workdir_parent
@@ -447,7 +456,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://{LOOPBACK}:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -562,9 +571,13 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            ip_addresses=[LOOPBACK, "10.96.0.1"],
+            ip_addresses=sorted({LOOPBACK, self.address, "10.96.0.1"}),
         )
         files["apiserver.crt"], files["apiserver.key"] = serving.cert_pem, serving.key_pem
+        # What the apiserver presents to kubelets (logs, exec); real kubelets check it.
+        kubelet_client = ca.issue("kube-apiserver-kubelet-client", organizations=["system:masters"])
+        files["apiserver-kubelet-client.crt"] = kubelet_client.cert_pem
+        files["apiserver-kubelet-client.key"] = kubelet_client.key_pem
         # Front proxy (aggregation layer): lets kube-controller-manager and kube-scheduler
         # find the request-header CA they expect in extension-apiserver-authentication.
         front_ca = _CertificateAuthority("amxtune-test-front-proxy-ca")
@@ -690,12 +703,16 @@ class ControlPlane:
             [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.apiserver_port}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                # nodes' names are not in this machine's DNS, their addresses are theirs
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 "--authorization-mode=Node,RBAC",
                 f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
                 "--requestheader-allowed-names=front-proxy-client",
@@ -713,8 +730,9 @@ class ControlPlane:
                 # DefaultTolerationSeconds, ResourceQuota, admission webhooks and policies...
                 "--enable-admission-plugins=NodeRestriction",
                 "--allow-privileged=true",
-                # The kubernetes Service endpoints cannot hold a loopback address.
-                "--endpoint-reconciler-type=none",
+                # The kubernetes Service's endpoints cannot hold a loopback address.
+                "--endpoint-reconciler-type="
+                + ("none" if self.address == LOOPBACK else "lease"),
                 "--profiling=false",
                 f"--cert-dir={work / 'apiserver-certs'}",
                 f"--v={self.log_verbosity}",
@@ -896,6 +914,22 @@ class ControlPlane:
         if check and proc.returncode != 0:
             raise KubectlError(args, proc.returncode, proc.stdout, proc.stderr)
         return proc
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 180.0
+             ) -> subprocess.CompletedProcess[str]:
+        """Run helm against this cluster as admin (its cache and config in the log folder)."""
+        result = subprocess.run(
+            [str(self.binary("helm")), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={"HOME": str(self.log_dir), "PATH": "/usr/bin:/bin"},
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
 
     def kubectl_json(self, *args: str, **kwargs: Any) -> Any:
         """kubectl ... -o json, parsed."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test control plane (kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, etcd, kwok, helm) from Go modules at pinned versions.
+# kube-scheduler, kubectl, etcd, kwok, helm) and the real nodes' components (kubelet,
+# kube-proxy, CoreDNS) from Go modules at pinned versions.
 #
 # Output: ${AMXTUNE_CACHE:-$HOME/.cache/amxtune}/k8s-<K8S_VERSION>/bin
 # The last line on stdout is that directory; progress goes to stderr.
@@ -24,7 +25,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
-BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok helm)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd kwok helm coredns)
 
 log() { printf '[controlplane-build] %s\n' "$*" >&2; }
 die() { printf '[controlplane-build] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -37,8 +38,8 @@ dest="$dest_root/bin"
 # the wrapper modules, and this script without its comment lines (so editing a
 # comment does not force a rebuild).
 stamp_text() {
-    printf 'K8S_VERSION=%s\nETCD_VERSION=%s\nKWOK_VERSION=%s\nHELM_VERSION=%s\n' \
-        "$K8S_VERSION" "$ETCD_VERSION" "$KWOK_VERSION" "$HELM_VERSION"
+    printf 'K8S_VERSION=%s\nETCD_VERSION=%s\nKWOK_VERSION=%s\nHELM_VERSION=%s\nCOREDNS_VERSION=%s\n' \
+        "$K8S_VERSION" "$ETCD_VERSION" "$KWOK_VERSION" "$HELM_VERSION" "$COREDNS_VERSION"
     (
         cd "$here"
         grep -v '^[[:space:]]*#' build.sh
@@ -125,14 +126,17 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-# The four k8s binaries in one invocation share the package compilation.
+# The k8s binaries in one invocation share the package compilation.
 build kubernetes "$k8s_ldflags" "$out/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler \
-    k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kubectl \
+    k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy
 build etcd "-s -w" "$out/etcd" .
 build kwok "-s -w" "$out/kwok" sigs.k8s.io/kwok/cmd/kwok
+build coredns "-s -w" "$out/coredns" .
 build helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "$out/helm" helm.sh/helm/v3/cmd/helm
 
 # Every binary must exist and run before the cache is touched.
@@ -141,6 +145,8 @@ for b in "${BINARIES[@]}"; do
 done
 "$out/kube-apiserver" --version | grep -qF "$K8S_VERSION" || die "kube-apiserver --version is not $K8S_VERSION"
 "$out/kubectl" version --client | grep -qF "$K8S_VERSION" || die "kubectl version is not $K8S_VERSION"
+"$out/kubelet" --version | grep -qF "$K8S_VERSION" || die "kubelet --version is not $K8S_VERSION"
+"$out/coredns" -version | grep -qF "${COREDNS_VERSION#v}" || die "coredns -version is not $COREDNS_VERSION"
 "$out/etcd" --version | grep -qF "${ETCD_VERSION#v}" || die "etcd --version is not $ETCD_VERSION"
 "$out/kwok" --version >/dev/null || die "kwok --version failed"
 "$out/helm" version --short >/dev/null || die "helm version failed"
