@@ -6,10 +6,15 @@ LD_PRELOAD, the mask hides the instruction sets above a level from CPUID, so PyT
 OpenVINO pick the kernels they pick on such a CPU, and run them natively. It follows
 subprocesses (LD_PRELOAD is inherited), so torchrun-like launchers and pods are masked too.
 
+CPUID can be masked only where the kernel offers CPUID faulting (`cpuid_fault`). Elsewhere (many
+VMs, such as an AMD EPYC with AVX-512 but no faulting) the library masks the kernel's view
+instead (/proc/cpuinfo), which the trainer's probe requires to agree with CPUID, and the
+libraries' own limits hold oneDNN, ATen and MKL to the level (`LIBRARY_LIMITS`, set in both
+cases). What is not held there: PyTorch's own CPUID checks and OpenVINO still see the real CPU.
+
 `masked_environment(level)` builds the library once (gcc) into the cache, checks with the
 trainer's own probe that the mask took, and returns the variables to add to a process's
-environment. On a CPU that is already at or below the level nothing needs masking; on one
-above it without CPUID faulting the check fails with a message saying so.
+environment. On a CPU that is already at or below the level nothing needs masking.
 """
 
 from __future__ import annotations
@@ -30,6 +35,23 @@ ALLOWED = {
     "avx2": {"avx2"},
     "avx512": {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
 }
+
+
+# The ISA limits oneDNN, ATen (PyTorch's vectorised kernels) and MKL read from the environment.
+LIBRARY_LIMITS = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI", "ATEN_CPU_CAPABILITY": "avx512",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+
+
+def masks_cpuid() -> bool:
+    """Whether the mask can change CPUID here (CPUID faulting), or only the kernel's view."""
+    try:
+        return "cpuid_fault" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 class CpuMaskError(RuntimeError):
@@ -67,7 +89,7 @@ def environment(level: str) -> dict[str, str]:
     if level not in ALLOWED:
         raise ValueError(f"unknown CPU mask level {level!r}; one of {sorted(ALLOWED)}")
     preload = [str(library()), *filter(None, os.environ.get("LD_PRELOAD", "").split(":"))]
-    return {"LD_PRELOAD": ":".join(preload), "AMXTUNE_CPUMASK": level}
+    return {"LD_PRELOAD": ":".join(preload), "AMXTUNE_CPUMASK": level, **LIBRARY_LIMITS[level]}
 
 
 def probe(env: dict[str, str] | None = None) -> dict:
@@ -87,12 +109,8 @@ def masked_environment(level: str) -> dict[str, str]:
     seen = set(probe(env)["features"])
     extra = seen - ALLOWED[level]
     if extra:
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        faulting = "cpuid_fault" in flags
+        how = "CPUID" if masks_cpuid() else "/proc/cpuinfo (no CPUID faulting here)"
         raise CpuMaskError(
             f"masking this CPU down to {level} did not take: the probe still sees "
-            f"{', '.join(sorted(extra))}. "
-            + ("" if faulting else "The kernel does not offer CPUID faulting (no cpuid_fault "
-               "in /proc/cpuinfo), which the mask needs; run the tests on another machine.")
-        )
+            f"{', '.join(sorted(extra))} although {SOURCE.name} masks {how}")
     return env

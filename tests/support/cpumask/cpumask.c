@@ -10,8 +10,13 @@
  * How: Linux's CPUID faulting (arch_prctl ARCH_SET_CPUID, flag cpuid_fault in /proc/cpuinfo)
  * turns every CPUID instruction into a SIGSEGV; the handler runs the real CPUID, masks the
  * bits and skips the instruction. Faulting survives fork and clone and is reset by execve,
- * where LD_PRELOAD loads this library again. Without faulting nothing is masked; the tests'
- * helper (tests/support/cpumask.py) checks that the mask took.
+ * where LD_PRELOAD loads this library again.
+ *
+ * Without faulting (many VMs), CPUID cannot be changed. Then the kernel's view is masked
+ * instead: opening /proc/cpuinfo gives a copy whose flags lines lose the same features. The
+ * trainer counts a feature only when CPUID and the kernel both list it, so it sees the older
+ * CPU; oneDNN, ATen and MKL are held to the level by their own variables, which
+ * tests/support/cpumask.py sets. The tests' helper checks that the mask took.
  *
  * Programs install SIGSEGV handlers of their own (Python's faulthandler, which pytest enables):
  * sigaction() and signal() for SIGSEGV are intercepted, so the mask's handler stays in place and
@@ -21,8 +26,12 @@
 #include <asm/prctl.h>
 #include <cpuid.h>
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
@@ -32,6 +41,7 @@
 
 static int level_avx512;
 static int active;
+static int mask_cpuinfo; /* no CPUID faulting: mask the kernel's view instead */
 static struct sigaction chained; /* the program's own SIGSEGV handler, as it believes set */
 
 static int real_sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
@@ -116,6 +126,126 @@ static void on_segv(int sig, siginfo_t *info, void *raw) {
     }
 }
 
+/* ---- the kernel's view: /proc/cpuinfo without the masked features ---------------------- */
+
+static int masked_flag(const char *flag, size_t length) {
+    static const char *kept512[] = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl",
+                                    "avx512_vnni"};
+    if (level_avx512)
+        for (size_t i = 0; i < sizeof kept512 / sizeof *kept512; i++)
+            if (strlen(kept512[i]) == length && memcmp(flag, kept512[i], length) == 0) return 0;
+    return (length >= 6 && memcmp(flag, "avx512", 6) == 0) ||
+           (length >= 3 && memcmp(flag, "amx", 3) == 0) ||
+           (length >= 4 && memcmp(flag, "avx_", 4) == 0) ||
+           (length >= 5 && memcmp(flag, "avx10", 5) == 0);
+}
+
+static void write_all(int fd, const char *data, size_t length) {
+    while (length > 0) {
+        ssize_t n = write(fd, data, length);
+        if (n <= 0) return;
+        data += n;
+        length -= (size_t)n;
+    }
+}
+
+/* A memfd holding /proc/cpuinfo with the masked flags left out, at offset 0. */
+static int masked_cpuinfo(void) {
+    static int (*next_open)(const char *, int, ...);
+    if (next_open == NULL) next_open = dlsym(RTLD_NEXT, "open");
+    int source = next_open("/proc/cpuinfo", O_RDONLY | O_CLOEXEC);
+    if (source < 0) return -1;
+    size_t capacity = 1 << 16, length = 0;
+    char *text = malloc(capacity);
+    for (ssize_t n; text != NULL; length += (size_t)n) {
+        if (length == capacity) {
+            char *grown = realloc(text, capacity *= 2);
+            if (grown == NULL) { free(text); text = NULL; break; }
+            text = grown;
+        }
+        n = read(source, text + length, capacity - length);
+        if (n <= 0) break;
+    }
+    close(source);
+    int out = text != NULL ? memfd_create("cpuinfo", MFD_CLOEXEC) : -1;
+    for (char *line = text, *end = text + length; out >= 0 && line < end;) {
+        char *newline = memchr(line, '\n', (size_t)(end - line));
+        char *next = newline != NULL ? newline + 1 : end;
+        char *colon = memchr(line, ':', (size_t)(next - line));
+        if (strncmp(line, "flags", 5) != 0 || colon == NULL) {
+            write_all(out, line, (size_t)(next - line));
+        } else {
+            write_all(out, line, (size_t)(colon + 1 - line));
+            for (char *word = colon + 1; word < next;) {
+                while (word < next && (*word == ' ' || *word == '\t' || *word == '\n')) word++;
+                char *stop = word;
+                while (stop < next && *stop != ' ' && *stop != '\t' && *stop != '\n') stop++;
+                if (stop > word && !masked_flag(word, (size_t)(stop - word))) {
+                    write_all(out, " ", 1);
+                    write_all(out, word, (size_t)(stop - word));
+                }
+                word = stop;
+            }
+            write_all(out, "\n", 1);
+        }
+        line = next;
+    }
+    free(text);
+    if (out >= 0) lseek(out, 0, SEEK_SET);
+    return out;
+}
+
+static int is_cpuinfo(const char *path) {
+    return mask_cpuinfo && path != NULL && strcmp(path, "/proc/cpuinfo") == 0;
+}
+
+#define OPEN_MODE(flags, mode)                                   \
+    do {                                                         \
+        if ((flags) & (O_CREAT | O_TMPFILE)) {                   \
+            va_list args;                                        \
+            va_start(args, flags);                               \
+            mode = va_arg(args, int);                            \
+            va_end(args);                                        \
+        }                                                        \
+    } while (0)
+
+#define INTERCEPT_OPEN(name)                                                       \
+    int name(const char *path, int flags, ...) {                                   \
+        static int (*next)(const char *, int, ...);                                \
+        int mode = 0;                                                              \
+        OPEN_MODE(flags, mode);                                                    \
+        if (is_cpuinfo(path)) return masked_cpuinfo();                             \
+        if (next == NULL) next = dlsym(RTLD_NEXT, #name);                          \
+        return next(path, flags, mode);                                            \
+    }
+INTERCEPT_OPEN(open)
+INTERCEPT_OPEN(open64)
+
+#define INTERCEPT_OPENAT(name)                                                     \
+    int name(int dir, const char *path, int flags, ...) {                          \
+        static int (*next)(int, const char *, int, ...);                           \
+        int mode = 0;                                                              \
+        OPEN_MODE(flags, mode);                                                    \
+        if (is_cpuinfo(path)) return masked_cpuinfo();                             \
+        if (next == NULL) next = dlsym(RTLD_NEXT, #name);                          \
+        return next(dir, path, flags, mode);                                       \
+    }
+INTERCEPT_OPENAT(openat)
+INTERCEPT_OPENAT(openat64)
+
+#define INTERCEPT_FOPEN(name)                                                      \
+    FILE *name(const char *path, const char *how) {                                \
+        static FILE *(*next)(const char *, const char *);                          \
+        if (is_cpuinfo(path)) {                                                    \
+            int fd = masked_cpuinfo();                                             \
+            return fd < 0 ? NULL : fdopen(fd, "r");                                \
+        }                                                                          \
+        if (next == NULL) next = dlsym(RTLD_NEXT, #name);                          \
+        return next(path, how);                                                    \
+    }
+INTERCEPT_FOPEN(fopen)
+INTERCEPT_FOPEN(fopen64)
+
 __attribute__((constructor)) static void install(void) {
     const char *level = getenv("AMXTUNE_CPUMASK");
     if (level == NULL || strcmp(level, "none") == 0) return;
@@ -127,7 +257,8 @@ __attribute__((constructor)) static void install(void) {
     sigemptyset(&action.sa_mask);
     if (real_sigaction(SIGSEGV, &action, &chained) != 0) return;
     if (syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
-        real_sigaction(SIGSEGV, &chained, NULL); /* no CPUID faulting here: mask nothing */
+        real_sigaction(SIGSEGV, &chained, NULL); /* no CPUID faulting here */
+        mask_cpuinfo = 1;
         return;
     }
     active = 1;
