@@ -49,7 +49,14 @@ def test_packed_conv_matches_eager(kernel, stride, padding, size):
         out.backward(grad)
         results.append((out.detach(), inp.grad))
     assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    # The input gradient: identical where oneDNN runs both as the same kernel (a Xeon with
+    # AMX). On AVX512-BF16 without AMX the packed one is a deconvolution (brgemm) and eager's a
+    # backward-data convolution, which may round a sum differently: one bf16 step at most
+    # (measured on an AMD EPYC, Zen 5: 1 element of 4608 differed, by 2^-7 at a magnitude of 2).
+    eager_grad, packed_grad = (r[1].float() for r in results)
+    one_step = 2.0 ** -7 * eager_grad.abs().max()
+    assert (eager_grad - packed_grad).abs().max() <= one_step
+    assert (eager_grad != packed_grad).float().mean() < 0.01
     with torch.no_grad():  # other batch sizes (validation) work too
         assert torch.equal(model(x[:1]), packed(x[:1]))
 
