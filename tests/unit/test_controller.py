@@ -772,3 +772,40 @@ def test_resuming_while_the_suspended_pods_still_terminate_loses_no_worker(world
         kube.delete("Pod", "ns", pod["metadata"]["name"])
     ftj.reconcile("ns", "dicoo")
     assert len(kube.pods()) == 2 and kube.status()["podsCreatedForAttempt"] == 0
+
+
+def test_suspended_pods_that_failed_on_their_sigterm_are_no_failure(world):
+    """A real kubelet reports a deleted pod Failed (exit 143: the SIGTERM it sent) before the
+    pod is gone; resuming meanwhile must not count that as the workload failing."""
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    terminating = copy.deepcopy(kube.pods())
+    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = True
+    ftj.reconcile("ns", "dicoo")
+    for pod in terminating:
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:05Z"
+        kube.put(pod)
+        kube.set_pod(pod["metadata"]["name"], "Failed", exit_code=143)
+    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = False
+    ftj.reconcile("ns", "dicoo")
+    ftj.reconcile("ns", "dicoo")
+    assert "WorkerFailed" not in kube.reasons() and "WorkersLost" not in kube.reasons()
+    assert kube.status().get("restarts", 0) == 0 and kube.status()["attempt"] == 0
+
+
+def test_a_deleted_worker_that_failed_on_its_sigterm_is_lost_not_failed(world):
+    """One worker pod deleted (a drain): Failed with 143 while it terminates is a lost worker
+    (restart from its checkpoint, not counted), not a failure."""
+    kube, _clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    for pod in kube.pods():
+        kube.set_pod(pod["metadata"]["name"], "Running")
+    ftj.reconcile("ns", "dicoo")
+    victim = kube.pods()[1]
+    victim["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:05Z"
+    kube.set_pod(victim["metadata"]["name"], "Failed", exit_code=143)
+    ftj.reconcile("ns", "dicoo")
+    assert "WorkerFailed" not in kube.reasons() and "WorkersLost" in kube.reasons()
+    assert kube.status().get("restarts", 0) == 0 and kube.status()["disruptions"] == 1

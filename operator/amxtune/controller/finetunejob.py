@@ -183,7 +183,10 @@ class FineTuneJobController(Reconciler):
         if leader is not None and leader.phase == "Succeeded":
             return self._trained(run, job, spec, leader)
         lost = self._lost_workers(status, spec, current)
-        failed = sorted((p for p in current.values() if p.phase == "Failed" and not p.disrupted),
+        # a pod being deleted ends by the SIGTERM it got (exit 143 on a real kubelet): it is
+        # lost or suspended, not failed
+        failed = sorted((p for p in current.values()
+                         if p.phase == "Failed" and not p.disrupted and not p.deleting),
                         key=lambda p: p.rank)
         if lost:  # the others stop or fail because of it: not a failure of the job
             return self._workers_lost(run, lost)
@@ -417,7 +420,7 @@ class FineTuneJobController(Reconciler):
             return []
         missing = [f"rank {rank}" for rank in range(spec.workers.nodes) if rank not in current]
         return missing + [pod.name for pod in current.values() if pod.phase != "Succeeded"
-                          and (pod.disrupted or (pod.deleting and not pod.finished))]
+                          and (pod.disrupted or pod.deleting)]
 
     def _workers_lost(self, run: Pass, lost: list[str]) -> None:
         """The group cannot go on without a rank: restart it from the latest checkpoint (the
