@@ -567,6 +567,16 @@ class RealCluster:
             "--v=1",
         ])
 
+    def kill(self, namespace: str, pod: str, signal_name: str = "SIGKILL") -> None:
+        """Send a signal to every process of the pod's container, on its node (a process
+        killed under the kubelet, as the OOM killer or a crash would)."""
+        found = self.cp.kubectl_json("get", "pod", pod, "-n", namespace)
+        node = next(n for n in self.nodes if n.name == found["spec"]["nodeName"])
+        container = found["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+        killed = node.ctr("tasks", "kill", "--all", "--signal", signal_name, container)
+        if killed.returncode != 0:
+            raise AssertionError(f"ctr tasks kill {container} failed: {killed.stderr}")
+
     def logs(self) -> dict[str, str]:
         """The last lines of every node component's log."""
         return {name: _tail(path, 40) for name, _, path in self.processes.running}
