@@ -21,8 +21,9 @@ UID = 1000  # the trainer image's user, which the worker pods run as
 
 
 @pytest.fixture(scope="session")
-def real_cluster():
-    with RealCluster(ensure_images(), nodes=2) as cluster:
+def real_cluster(avx2_cpu):
+    """Two nodes, and a third whose pods see a CPU with AVX2 and nothing newer."""
+    with RealCluster(ensure_images(), nodes=2, masked_cpu=avx2_cpu) as cluster:
         yield cluster
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.controlplane import free_port
-from tests.support.jobs import status, wait_phase
-from tests.support.node import NODE_LABEL
+from tests.support.controlplane import AMX_LABELS, WaitAborted, free_port
+from tests.support.jobs import describe, status, wait_phase
+from tests.support.node import MASKED_NODE, NODE_LABEL
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +57,20 @@ def manifest(nodes: int, steps: int, checkpoint_every: int, export: bool,
 
 def events(cp, namespace, name="robot") -> list[dict]:
     return cp.events_for(kind="FineTuneJob", name=name, namespace=namespace)
+
+
+def wait_event(cp, namespace, reason, timeout=300) -> None:
+    """Wait for an Event of the job; fail at once when the job ends without it."""
+
+    def seen():
+        if reason in [e["reason"] for e in events(cp, namespace)]:
+            return True
+        if status(cp, namespace, "robot").get("phase") in ("Succeeded", "Failed"):
+            raise WaitAborted(f"no {reason} event before the job ended:\n"
+                              + describe(cp, namespace, "robot"))
+        return None
+
+    cp.wait_for(seen, timeout=timeout, what=f"a {reason} event")
 
 
 def pods(cp, namespace: str) -> dict[str, dict]:
@@ -213,3 +227,52 @@ def test_a_deleted_worker_stops_the_group_which_resumes_from_the_step_it_saved(
     assert reached <= metrics["resumed_from_step"] < 300  # the step of the stop, not step 0
     assert [h["step"] for h in metrics["history"]] == list(range(1, 301))
     assert (final["restarts"], final["disruptions"], final["attempt"]) == (0, 1, 1)
+
+
+def test_a_worker_on_a_node_without_amx_moves_to_another_node(real_cluster, job_volumes):
+    """The masked node is labelled AMX but its pods see a CPU with AVX2 only (stale or wrong
+    Node Feature Discovery labels); the worker stops at once and the job goes on on real-1,
+    without spending a restart. On a machine without AMX real-1 lacks it too: then both are
+    left and the job says it cannot be scheduled, and why."""
+    from amxtune_trainer.cpu import probe
+
+    cp = real_cluster.cp
+    namespace, output = job_volumes
+    bad, good = MASKED_NODE, "real-1"
+    selector = "amxtune.io/test-amx"
+    labels = [f"{key}={value}" for key, value in AMX_LABELS.items()] + [f"{selector}=true"]
+    for node in (bad, good):
+        cp.kubectl("label", "node", node, *labels, "--overwrite")
+    try:
+        cp.kubectl("cordon", good)  # the first attempt can only land on the bad node
+        doc = manifest(1, 4, 2, export=False, require_amx=True,
+                       node_selector={selector: "true"})
+        doc["spec"]["backoffLimit"] = 0
+        cp.apply_yaml(yaml.safe_dump(doc), namespace=namespace)
+        wait_event(cp, namespace, "NodeLacksAmx")
+        cp.kubectl("uncordon", good)
+        if probe().amx:
+            final = wait_phase(cp, namespace, "Succeeded", name="robot", timeout=600)
+        else:
+            final = cp.wait_for(
+                lambda: (s := status(cp, namespace, "robot")).get("excludedNodes") == [bad, good]
+                and "their CPUs lacked AMX" in s.get("message", "") and s,
+                timeout=300, what="both nodes excluded")
+    finally:
+        cp.kubectl("uncordon", good, check=False)
+        unlabel = [f"{key}-" for key in AMX_LABELS] + [f"{selector}-"]
+        for node in (bad, good):
+            cp.kubectl("label", "node", node, *unlabel, check=False)
+
+    lacks = [e for e in events(cp, namespace) if e["reason"] == "NodeLacksAmx"]
+    assert f"ran on node {bad}" in lacks[0]["message"]
+    assert "has no amx_bf16, amx_tile" in lacks[0]["message"], describe(cp, namespace, "robot")
+    assert final["restarts"] == 0
+    if probe().amx:
+        assert final["excludedNodes"] == [bad] and final["attempt"] == 1
+        assert final["trainer"]["node"] == good
+        metrics = json.loads((output / "robot" / "metrics.json").read_text())
+        assert metrics["steps"] == 4
+    else:
+        assert final["phase"] == "Running" and final["attempt"] == 2
+        assert f"ran on node {good}" in lacks[1]["message"]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from amxtune.quantity import parse_quantity
 from amxtune_trainer.builtin.models import cache_root
-from tests.support.local_kubelet import expand_env_refs
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "tools" / "images" / "build.sh"
@@ -32,6 +32,14 @@ TRAINER_IMAGE = "localhost/amxtune-trainer:dev"
 TEST_NETWORK = "amxtune-test-pods"
 # The bridge's subnet, so that a test can give worker 0 the address its peers resolve it to.
 TEST_SUBNET = "10.89.201"
+
+
+ENV_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def expand_env_refs(text: str, env: dict[str, str]) -> str:
+    """$(VAR) from the container's env, as Kubernetes expands a command; unknown ones stay."""
+    return ENV_REF.sub(lambda m: env.get(m.group(1), m.group(0)), text)
 
 
 def cache_dir() -> Path:

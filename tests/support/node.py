@@ -59,7 +59,8 @@ CLUSTER_DOMAIN = "cluster.local"
 SERVICE_CIDR = "10.96.0.0/16"
 # Every pod subnet lies in here: node i has 10.89.(212 + i).0/24.
 POD_CIDR = "10.89.208.0/20"
-NODE_LABEL = "amxtune.io/real-node"
+NODE_LABEL = "amxtune.io/real-node"  # "true"; "masked-cpu" on the node with an older CPU
+MASKED_NODE = "real-masked"
 
 CNI_BIN_DIR = Path("/usr/lib/cni")
 TOOLS = {  # what must be installed, and the Debian package that has it
@@ -235,8 +236,10 @@ class RealNode:
     """containerd + kubelet for node `index`, registered as `name` with the control plane."""
 
     def __init__(self, cp: ControlPlane, index: int, name: str, workdir: Path,
-                 processes: _Processes, images: list[str]) -> None:
+                 processes: _Processes, images: list[str],
+                 env: dict[str, str] | None = None) -> None:
         self.cp, self.index, self.name = cp, index, name
+        self.env = env or {}
         self.work = workdir / name
         self.processes = processes
         self.images = images
@@ -280,6 +283,7 @@ class RealNode:
         }
         (cni_dir / "10-amxtune.conflist").write_text(json.dumps(conflist, indent=1))
         cri = 'plugins."io.containerd.grpc.v1.cri"'
+        base_spec = f'base_runtime_spec = "{self._base_runtime_spec()}"' if self.env else ""
         config = f"""version = 2
 root = "{self.containerd_root}"
 state = "{self.work / 'containerd-state'}"
@@ -298,6 +302,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     default_runtime_name = "runc"
     [{cri}.containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      {base_spec}
   [{cri}.cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{cni_dir}"
@@ -308,6 +313,28 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                              ["containerd", "--config", str(config_path)])
         wait_for(lambda: self.processes.check_alive() or self.ctr("version").returncode == 0,
                  timeout=60, what=f"containerd of {self.name}")
+
+    def _base_runtime_spec(self) -> Path:
+        """containerd's default OCI spec plus this node's environment for every container,
+        with each library in its LD_PRELOAD bind-mounted read-only under /opt/amxtune-node
+        (the CPU mask: this node's CPU looks older to everything its pods run)."""
+        shown = subprocess.run(["ctr", "oci", "spec"], capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise NodeUnavailable(f"ctr oci spec failed: {shown.stderr.strip()}")
+        spec = json.loads(shown.stdout)
+        env = dict(self.env)
+        preload = []
+        for library in filter(None, env.get("LD_PRELOAD", "").split(":")):
+            inside = f"/opt/amxtune-node/{Path(library).name}"
+            spec["mounts"].append({"destination": inside, "type": "bind", "source": library,
+                                   "options": ["rbind", "ro"]})
+            preload.append(inside)
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        spec["process"]["env"] = [f"{key}={value}" for key, value in env.items()]
+        path = self.work / "base-runtime-spec.json"
+        path.write_text(json.dumps(spec, indent=1))
+        return path
 
     def _import_images(self) -> None:
         """Each image once per image ID (podman's), kept in the cached containerd root."""
@@ -395,7 +422,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             f"--root-dir={work / 'kubelet'}",
             f"--node-ip={self.ip}",
             f"--hostname-override={self.name}",
-            f"--node-labels={NODE_LABEL}=true",
+            f"--node-labels={NODE_LABEL}={'masked-cpu' if self.env else 'true'}",
             "--v=1",
         ])
 
@@ -452,13 +479,17 @@ def _unmount_below(folder: Path) -> None:
 class RealCluster:
     """The control plane on a test-owned address, `nodes` real nodes, kube-proxy, CoreDNS.
 
-    Use as a context manager; the images (`make images`) must exist in podman.
+    `masked_cpu` (the environment of tests/support/cpumask.py) adds one more node,
+    `real-masked`, whose containers all run with it: a node whose CPU is older than its labels
+    may say. Use as a context manager; the images (`make images`) must exist in podman.
     """
 
-    def __init__(self, images: list[str], nodes: int = 2, *, workdir_parent: Path | None = None
-                 ) -> None:
+    def __init__(self, images: list[str], nodes: int = 2, *,
+                 masked_cpu: dict[str, str] | None = None,
+                 workdir_parent: Path | None = None) -> None:
         self.images = images
         self.node_count = nodes
+        self.masked_cpu = masked_cpu
         self.workdir_parent = workdir_parent
         self.cp = ControlPlane(address=APISERVER_IP, workdir_parent=workdir_parent)
         self.nodes: list[RealNode] = []
@@ -493,7 +524,8 @@ class RealCluster:
 
     def _start(self) -> None:
         sandbox_image = pause_image()
-        self._exit.enter_context(host_network(self.node_count))
+        total = self.node_count + (1 if self.masked_cpu else 0)
+        self._exit.enter_context(host_network(total))
         self._exit.callback(remove_kube_chains)
         self._exit.enter_context(self.cp)
         self.work = Path(tempfile.mkdtemp(prefix="amxtune-nodes-", dir=self.workdir_parent))
@@ -503,9 +535,11 @@ class RealCluster:
         self.processes = _Processes(logs)
         self._exit.callback(self.processes.stop)
         self._start_coredns()
-        for index in range(self.node_count):
-            node = RealNode(self.cp, index, f"real-{index}", self.work, self.processes,
-                            [sandbox_image, *self.images])
+        for index in range(total):
+            masked = index == self.node_count
+            node = RealNode(self.cp, index, MASKED_NODE if masked else f"real-{index}",
+                            self.work, self.processes, [sandbox_image, *self.images],
+                            env=self.masked_cpu if masked else None)
             self.nodes.append(node)
             self._exit.callback(node.stop)
             node.start(sandbox_image)
