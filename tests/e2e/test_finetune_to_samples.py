@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.support.controlplane import AMX_LABELS, WaitAborted, free_port
+from tests.support.images import OPERATOR_IMAGE
 from tests.support.jobs import describe, status, wait_phase
 from tests.support.node import MASKED_NODE, NODE_LABEL
 
@@ -276,3 +277,38 @@ def test_a_worker_on_a_node_without_amx_moves_to_another_node(real_cluster, job_
     else:
         assert final["phase"] == "Running" and final["attempt"] == 2
         assert f"ran on node {good}" in lacks[1]["message"]
+
+
+PROBE = """
+import json, socket
+seen = {"cluster": socket.gethostbyname("kubernetes.default.svc.cluster.local")}
+try:
+    seen["outside_name"] = socket.gethostbyname("pypi.org")
+except OSError as exc:
+    seen["outside_name"] = type(exc).__name__
+try:
+    socket.create_connection(("192.0.2.1", 443), timeout=3)
+    seen["outside_address"] = "connected"
+except OSError as exc:
+    seen["outside_address"] = exc.strerror or type(exc).__name__
+print(json.dumps(seen))
+"""
+
+
+def test_pods_reach_the_cluster_and_nothing_outside(real_cluster, job_volumes):
+    """Cluster DNS answers for Services; outside names do not resolve and outside addresses
+    have no route (a pod never sends a packet off this machine)."""
+    cp = real_cluster.cp
+    namespace, _ = job_volumes
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"},
+           "spec": {"restartPolicy": "Never", "nodeSelector": {NODE_LABEL: "true"},
+                    "containers": [{"name": "probe", "image": OPERATOR_IMAGE,
+                                    "imagePullPolicy": "Never",
+                                    "command": ["python3", "-c", PROBE]}]}}
+    cp.apply_yaml(yaml.safe_dump(pod), namespace=namespace)
+    cp.wait_for_jsonpath("pod/probe", "{.status.phase}", "Succeeded", namespace=namespace,
+                         timeout=120)
+    seen = json.loads(cp.kubectl("logs", "probe", "-n", namespace).stdout)
+    assert seen["cluster"] == "10.96.0.1"
+    assert seen["outside_name"] == "gaierror"
+    assert seen["outside_address"] == "Network is unreachable"

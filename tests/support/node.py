@@ -137,8 +137,8 @@ def _kube_chains() -> dict[tuple[str, str], list[str]]:
 
 def remove_kube_chains() -> None:
     """What the kubelets and kube-proxy left in iptables (a kubelet has no clean-up)."""
+    run = partial(subprocess.run, capture_output=True)
     for (binary, table), rules in _kube_chains().items():
-        run = partial(subprocess.run, capture_output=True)
         for rule in rules:
             words = shlex.split(rule)
             if words[0] == "-A" and not words[1].startswith("KUBE-") and "KUBE-" in rule:
@@ -337,14 +337,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         return path
 
     def _import_images(self) -> None:
-        """Each image once per image ID (podman's), kept in the cached containerd root."""
+        """Each image once per image ID (podman's), kept in the cached containerd root; the
+        versions it replaces are removed (each is GBs, once as a blob and once unpacked)."""
         stamps = self.containerd_root / "imported.json"
         imported = json.loads(stamps.read_text()) if stamps.exists() else {}
         listed = set(self.ctr("images", "ls", "-q").stdout.split())
+        current = {}
         for image in self.images:
             image_id = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
             if not image_id:
                 raise NodeUnavailable(f"podman has no image {image} (make images)")
+            current[image] = image_id
             if imported.get(image) == image_id and image in listed:
                 continue
             archive = _archive(image, image_id, self.work.parent / "archives")
@@ -354,6 +357,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                                       f"{loaded.stderr.strip()}")
             imported[image] = image_id
             stamps.write_text(json.dumps(imported, indent=1))
+        # what CRI knows them by: their names and their IDs (the config digest, as podman's)
+        keep = set(current) | {f"sha256:{image_id}" for image_id in current.values()}
+        for name in set(self.ctr("images", "ls", "-q").stdout.split()) - keep:
+            self.ctr("images", "rm", "--sync", name)
+        stamps.write_text(json.dumps(current, indent=1))
 
     def _remove_containers(self) -> None:
         """Every container left running (by an earlier run or a stopped kubelet); the
