@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,6 @@ from tests.support.operator import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 CHART = Path(__file__).resolve().parents[2] / "charts" / "amxtune"
-
-
-def helm(cp: ControlPlane, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return cp.helm(*args, check=check)
 
 
 NON_DEFAULT = [
@@ -37,14 +32,13 @@ NON_DEFAULT = [
 
 @pytest.mark.parametrize("values", [[], NON_DEFAULT], ids=["default", "non-default"])
 def test_chart_lints(control_plane, values):
-    result = helm(control_plane, "lint", "--strict", str(CHART), *values)
+    result = control_plane.helm("lint", "--strict", str(CHART), *values)
     assert "0 chart(s) failed" in result.stdout
 
 
 def rendered(cp: ControlPlane, *values: str) -> list[dict]:
-    text = helm(
-        cp, "template", "amxtune", str(CHART), "--namespace", "amxtune-system", *values
-    ).stdout
+    text = cp.helm("template", "amxtune", str(CHART), "--namespace", "amxtune-system",
+                   *values).stdout
     return [d for d in yaml.safe_load_all(text) if d]
 
 
@@ -93,9 +87,8 @@ def test_the_grafana_dashboard_is_a_configmap_for_grafanas_sidecar(control_plane
 
 
 def test_values_schema_rejects_a_typo(control_plane):
-    result = helm(
-        control_plane, "template", "x", str(CHART), "--set", "trainerImag=oops", check=False
-    )
+    result = control_plane.helm("template", "x", str(CHART), "--set", "trainerImag=oops",
+                                check=False)
     assert result.returncode != 0
     assert "trainerImag" in result.stderr
 
@@ -128,17 +121,8 @@ def test_installed_chart_grants_enough_to_run_a_job_and_nothing_more(
     release_ns = f"{namespace}-op"
     cp.create_namespace(release_ns)
     try:
-        helm(
-            cp,
-            "install",
-            "amxtune",
-            str(CHART),
-            "--namespace",
-            release_ns,
-            "--set",
-            f"watchNamespaces={{{namespace}}}",
-            "--wait=false",
-        )
+        cp.helm("install", "amxtune", str(CHART), "--namespace", release_ns,
+                "--set", f"watchNamespaces={{{namespace}}}", "--wait=false")
         token = cp.create_token("amxtune", release_ns)
         kubeconfig = token_kubeconfig(cp, token, tmp_path / "operator.kubeconfig")
         can = cp.kubectl(
@@ -179,4 +163,4 @@ def test_installed_chart_grants_enough_to_run_a_job_and_nothing_more(
         finally:
             operator.stop()
     finally:
-        helm(cp, "uninstall", "amxtune", "--namespace", release_ns, check=False)
+        cp.helm("uninstall", "amxtune", "--namespace", release_ns, check=False)

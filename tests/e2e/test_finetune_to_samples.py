@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.controlplane import AMX_LABELS, WaitAborted, free_port
+from tests.support.controlplane import AMX_LABELS, WaitAborted
 from tests.support.images import OPERATOR_IMAGE
 from tests.support.jobs import describe, status, wait_phase
 from tests.support.node import MASKED_NODE, NODE_LABEL
@@ -47,7 +47,7 @@ def manifest(nodes: int, steps: int, checkpoint_every: int, export: bool,
         "nodeSelector": node_selector or {NODE_LABEL: "true"},
         "requireAmx": require_amx,
     }
-    doc["spec"]["runtime"] = {"ccl": {"workerCount": 0}, "masterPort": free_port()}
+    doc["spec"]["runtime"] = {"ccl": {"workerCount": 0}}
     doc["spec"]["output"] = {"pvc": {"claimName": "robot-output", "create": {"size": "1Gi"}}}
     if export:
         doc["spec"]["export"]["numInferenceSteps"] = 4

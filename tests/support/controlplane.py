@@ -393,9 +393,70 @@ def wait_for(
 @dataclass
 class _Component:
     name: str
-    args: list[str]
     log_path: Path
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes]
+
+
+class Processes:
+    """Child processes (control-plane components, node daemons), each logging to
+    `<log_dir>/<name>.log`, dying with this process, and stopped newest first."""
+
+    def __init__(self, log_dir: Path, cwd: Path | None = None) -> None:
+        self.log_dir = log_dir
+        self.cwd = cwd
+        self.running: list[_Component] = []
+
+    def spawn(self, name: str, args: list[str]) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("ab") as log:
+            log.write(f"$ {' '.join(args)}\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.cwd,
+                start_new_session=True,  # Ctrl-C in a terminal goes to pytest, not here
+                preexec_fn=_die_with_parent,
+            )
+        self.running.append(_Component(name, log_path, process))
+
+    def check_alive(self) -> None:
+        for comp in self.running:
+            if comp.process.poll() is not None:
+                raise ComponentDied(
+                    f"{comp.name} exited with code {comp.process.returncode}; "
+                    f"log {comp.log_path}:\n{_tail(comp.log_path)}"
+                )
+
+    def stop(self, name: str | None = None) -> None:
+        """SIGTERM, then SIGKILL after 15 s: every process (newest first), or only `name`."""
+        for comp in reversed(list(self.running)):
+            if name is not None and comp.name != name:
+                continue
+            try:
+                _terminate(comp.process)
+            except Exception as exc:  # keep stopping the others
+                print(f"could not stop {comp.name}: {exc!r}", file=sys.stderr)
+            self.running.remove(comp)
+
+    def tails(self, lines: int = 40) -> dict[str, str]:
+        """The last lines of every running process's log."""
+        return {comp.name: _tail(comp.log_path, lines) for comp in self.running}
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- control plane
@@ -429,7 +490,7 @@ class ControlPlane:
         self.log_verbosity = log_verbosity
         self._workdir_parent = workdir_parent
         self.workdir: Path | None = None
-        self._components: list[_Component] = []
+        self._processes: Processes | None = None
         self.versions = read_versions()
         self.apiserver_port = 0
         self.etcd_port = 0
@@ -515,11 +576,8 @@ class ControlPlane:
             if keep_logs:
                 with contextlib.suppress(Exception):
                     self._dump_cluster_state()
-            for comp in reversed(self._components):
-                try:
-                    self._terminate(comp)
-                except Exception as exc:  # keep stopping the others
-                    print(f"could not stop {comp.name}: {exc!r}", file=sys.stderr)
+            if self._processes is not None:
+                self._processes.stop()
             if keep_logs and self.log_dir.exists():
                 kept = logs_dir or _default_kept_logs_dir()
                 try:
@@ -528,24 +586,10 @@ class ControlPlane:
                     print(f"could not copy all logs to {kept}: {exc!r}", file=sys.stderr)
         finally:
             atexit.unregister(self.stop)
-            self._components.clear()
+            self._processes = None
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
         return kept
-
-    @staticmethod
-    def _terminate(comp: _Component) -> None:
-        proc = comp.process
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10)
 
     # ----------------------------------------------------------------- setup
 
@@ -638,31 +682,14 @@ class ControlPlane:
         path.write_text(json.dumps(config, indent=2))
         path.chmod(0o600)
 
-    def _spawn(self, name: str, args: list[str]) -> _Component:
-        comp = _Component(name=name, args=args, log_path=self.log_dir / f"{name}.log")
-        with comp.log_path.open("ab") as log:
-            log.write(f"$ {' '.join(args)}\n".encode())
-            log.flush()
-            comp.process = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self._work(),
-                start_new_session=True,  # Ctrl-C in a terminal goes to pytest, not here
-                preexec_fn=_die_with_parent,
-            )
-        self._components.append(comp)
-        return comp
+    def _spawn(self, name: str, args: list[str]) -> None:
+        if self._processes is None:
+            self._processes = Processes(self.log_dir, cwd=self._work())
+        self._processes.spawn(name, args)
 
     def _check_alive(self) -> None:
-        for comp in self._components:
-            if comp.process is not None and comp.process.poll() is not None:
-                tail = _tail(comp.log_path)
-                raise ComponentDied(
-                    f"{comp.name} exited with code {comp.process.returncode}; "
-                    f"log {comp.log_path}:\n{tail}"
-                )
+        if self._processes is not None:
+            self._processes.check_alive()
 
     def _deadline_left(self) -> float:
         return max(1.0, self.start_timeout - (time.monotonic() - self.started_at))

@@ -754,19 +754,28 @@ def test_the_inference_job_reads_the_folder_the_run_recorded_not_the_spec(world)
     assert kube.status()["outputs"]["embeddings"].startswith("dicoo-first-run/")
 
 
-def test_resuming_while_the_suspended_pods_still_terminate_loses_no_worker(world):
-    kube, _clock, ftj, _ = world
+def suspend_then_resume_while_the_pods_terminate(kube, ftj, exit_code=None) -> list[dict]:
+    """Suspend, the worker pods still terminating (the kubelet has not confirmed their end;
+    with `exit_code` they already report Failed with it), then resume; those pods."""
     kube.put(example())
     ftj.reconcile("ns", "dicoo")
     terminating = copy.deepcopy(kube.pods())
     kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = True
     ftj.reconcile("ns", "dicoo")
-    for pod in terminating:  # the kubelet has not confirmed their end yet
+    for pod in terminating:
         pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:05Z"
         kube.put(pod)
+        if exit_code is not None:
+            kube.set_pod(pod["metadata"]["name"], "Failed", exit_code=exit_code)
     kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = False
     ftj.reconcile("ns", "dicoo")
     ftj.reconcile("ns", "dicoo")
+    return terminating
+
+
+def test_resuming_while_the_suspended_pods_still_terminate_loses_no_worker(world):
+    kube, _clock, ftj, _ = world
+    terminating = suspend_then_resume_while_the_pods_terminate(kube, ftj)
     assert "WorkersLost" not in kube.reasons() and kube.status()["attempt"] == 0
     for pod in terminating:
         kube.delete("Pod", "ns", pod["metadata"]["name"])
@@ -778,18 +787,7 @@ def test_suspended_pods_that_failed_on_their_sigterm_are_no_failure(world):
     """A real kubelet reports a deleted pod Failed (exit 143: the SIGTERM it sent) before the
     pod is gone; resuming meanwhile must not count that as the workload failing."""
     kube, _clock, ftj, _ = world
-    kube.put(example())
-    ftj.reconcile("ns", "dicoo")
-    terminating = copy.deepcopy(kube.pods())
-    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = True
-    ftj.reconcile("ns", "dicoo")
-    for pod in terminating:
-        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:05Z"
-        kube.put(pod)
-        kube.set_pod(pod["metadata"]["name"], "Failed", exit_code=143)
-    kube.objects[("FineTuneJob", "ns", "dicoo")]["spec"]["suspend"] = False
-    ftj.reconcile("ns", "dicoo")
-    ftj.reconcile("ns", "dicoo")
+    suspend_then_resume_while_the_pods_terminate(kube, ftj, exit_code=143)
     assert "WorkerFailed" not in kube.reasons() and "WorkersLost" not in kube.reasons()
     assert kube.status().get("restarts", 0) == 0 and kube.status()["attempt"] == 0
 
