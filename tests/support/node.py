@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -37,12 +36,10 @@ from pathlib import Path
 from amxtune_trainer.builtin.models import cache_root
 from tests.support.controlplane import (
     LOOPBACK,
-    ComponentDied,
     ControlPlane,
     ControlPlaneError,
+    Processes,
     _default_kept_logs_dir,
-    _die_with_parent,
-    _tail,
     free_port,
     wait_for,
 )
@@ -194,49 +191,11 @@ def pause_image() -> str:
     return tag
 
 
-class _Processes:
-    """Child processes with logs in one folder, stopped in reverse order."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.running: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("ab") as log:
-            log.write(f"$ {' '.join(args)}\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        self.running.append((name, process, log_path))
-
-    def check_alive(self) -> None:
-        for name, process, log_path in self.running:
-            if process.poll() is not None:
-                raise ComponentDied(f"{name} exited with code {process.returncode}; "
-                                      f"log {log_path}:\n{_tail(log_path)}")
-
-    def stop(self, name: str | None = None) -> None:
-        for entry in reversed(list(self.running)):
-            if name is not None and entry[0] != name:
-                continue
-            _, process, _ = entry
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
-            self.running.remove(entry)
-
-
 class RealNode:
     """containerd + kubelet for node `index`, registered as `name` with the control plane."""
 
     def __init__(self, cp: ControlPlane, index: int, name: str, workdir: Path,
-                 processes: _Processes, images: list[str],
+                 processes: Processes, images: list[str],
                  env: dict[str, str] | None = None) -> None:
         self.cp, self.index, self.name = cp, index, name
         self.env = env or {}
@@ -351,13 +310,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             if imported.get(image) == image_id and image in listed:
                 continue
             archive = _archive(image, image_id, self.work.parent / "archives")
+            if image in listed:  # keep the old version's layers while the new one unpacks
+                self.ctr("images", "tag", "--force", image, f"{image}-replaced")
             loaded = self.ctr("images", "import", str(archive))
             if loaded.returncode != 0:
                 raise NodeUnavailable(f"ctr images import of {image} into {self.name} failed: "
                                       f"{loaded.stderr.strip()}")
             imported[image] = image_id
             stamps.write_text(json.dumps(imported, indent=1))
-        # what CRI knows them by: their names and their IDs (the config digest, as podman's)
+        # what CRI knows them by: their names and their IDs (the config digest, as podman's);
+        # the rest (replaced versions) only now, once nothing unpacks on top of them
         keep = set(current) | {f"sha256:{image_id}" for image_id in current.values()}
         for name in set(self.ctr("images", "ls", "-q").stdout.split()) - keep:
             self.ctr("images", "rm", "--sync", name)
@@ -501,6 +463,7 @@ class RealCluster:
         self.workdir_parent = workdir_parent
         self.cp = ControlPlane(address=APISERVER_IP, workdir_parent=workdir_parent)
         self.nodes: list[RealNode] = []
+        self.processes: Processes | None = None  # once the cluster's folder exists
         self._exit = contextlib.ExitStack()
 
     def __enter__(self) -> RealCluster:
@@ -515,10 +478,9 @@ class RealCluster:
         return self
 
     def _keep_logs(self) -> None:
-        processes = getattr(self, "processes", None)
-        if processes is not None:
+        if self.processes is not None:
             kept = _default_kept_logs_dir()
-            shutil.copytree(processes.log_dir, kept / "nodes", dirs_exist_ok=True)
+            shutil.copytree(self.processes.log_dir, kept / "nodes", dirs_exist_ok=True)
             print(f"real-node logs kept in {kept / 'nodes'}")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
@@ -540,7 +502,7 @@ class RealCluster:
         self._exit.callback(shutil.rmtree, self.work, True)
         logs = self.work / "logs"
         logs.mkdir()
-        self.processes = _Processes(logs)
+        self.processes = Processes(logs)
         self._exit.callback(self.processes.stop)
         self._start_coredns()
         for index in range(total):
@@ -609,19 +571,19 @@ class RealCluster:
             "--v=1",
         ])
 
-    def kill(self, namespace: str, pod: str, signal_name: str = "SIGKILL") -> None:
-        """Send a signal to every process of the pod's container, on its node (a process
-        killed under the kubelet, as the OOM killer or a crash would)."""
+    def kill(self, namespace: str, pod: str) -> None:
+        """SIGKILL every process of the pod's container, on its node (a process killed
+        under the kubelet, as the OOM killer or a crash would)."""
         found = self.cp.kubectl_json("get", "pod", pod, "-n", namespace)
         node = next(n for n in self.nodes if n.name == found["spec"]["nodeName"])
         container = found["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
-        killed = node.ctr("tasks", "kill", "--all", "--signal", signal_name, container)
+        killed = node.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", container)
         if killed.returncode != 0:
             raise AssertionError(f"ctr tasks kill {container} failed: {killed.stderr}")
 
     def logs(self) -> dict[str, str]:
         """The last lines of every node component's log."""
-        return {name: _tail(path, 40) for name, _, path in self.processes.running}
+        return self.processes.tails()
 
 
 COREDNS_RBAC = """
