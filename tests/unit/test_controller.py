@@ -112,7 +112,7 @@ class FakeKube:
             key=lambda p: p["metadata"]["name"],
         )
 
-    def set_pod(self, name, phase, exit_code=None, ready=True, node=None):
+    def set_pod(self, name, phase, exit_code=None, ready=True, node=None, finished_at=None):
         pod = self.objects[("Pod", "ns", name)]
         if node is not None:
             pod["spec"]["nodeName"] = node
@@ -124,6 +124,9 @@ class FakeKube:
                     "reason": "Error" if exit_code else "Completed",
                 }
             }
+            if finished_at is not None:
+                status["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = (
+                    finished_at.strftime("%Y-%m-%dT%H:%M:%SZ"))
         pod["status"] = status
 
     def unschedulable(self, name, message):
@@ -419,6 +422,40 @@ def test_success_creates_the_inference_job_then_succeeds_with_it(world):
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "True"
     assert status["outputs"]["samples"] == "/output/dicoo/samples/grid.png"
+
+
+def test_the_other_ranks_get_time_to_exit_after_rank_0_and_are_deleted_only_after_it(world):
+    """A real kubelet reports rank 1's success seconds after rank 0's: its pod (logs, exit
+    code) stays until it exits by itself, or is deleted once the grace is over."""
+    kube, clock, ftj, _ = world
+    kube.put(example())
+    ftj.reconcile("ns", "dicoo")
+    for rank in (0, 1):
+        kube.set_pod(f"dicoo-worker-{rank}", "Running", node=f"amx-{rank}")
+    kube.set_pod("dicoo-worker-0", "Succeeded", exit_code=0, finished_at=clock())
+    kube.logs["dicoo-worker-0"] = json.dumps({"event": "completed", "steps": 200})
+    ftj.reconcile("ns", "dicoo")
+    status = kube.status()
+    assert status["phase"] == "Running" and "rank(s) 1 to exit" in status["message"]
+    assert ("InferenceJob", "ns", "dicoo-export") not in kube.objects
+    assert ("Pod", "ns", "dicoo-worker-1") in kube.objects
+
+    kube.set_pod("dicoo-worker-1", "Succeeded", exit_code=0)  # exits by itself: both stay
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["phase"] == "Exporting"
+    assert ("Pod", "ns", "dicoo-worker-1") in kube.objects
+
+    kube.put(example() | {"metadata": {"name": "other", "namespace": "ns"}})
+    ftj.reconcile("ns", "other")
+    for rank in (0, 1):
+        kube.set_pod(f"other-worker-{rank}", "Running", node=f"amx-{rank}")
+    kube.set_pod("other-worker-0", "Succeeded", exit_code=0, finished_at=clock())
+    ftj.reconcile("ns", "other")
+    assert kube.status(name="other")["phase"] == "Running"
+    clock.advance(61)  # rank 1 hangs: deleted once the grace is over, the job goes on
+    ftj.reconcile("ns", "other")
+    assert kube.status(name="other")["phase"] == "Exporting"
+    assert ("Pod", "ns", "other-worker-1") not in kube.objects
 
 
 def test_a_lora_job_runs_the_lora_trainer_and_its_export_fuses_the_adapters(world):

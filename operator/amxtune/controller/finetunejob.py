@@ -47,6 +47,10 @@ from amxtune_api.training import EMBEDDINGS_FILE, LORA_FILE
 log = logging.getLogger("amxtune.finetunejob")
 KIND = "FineTuneJob"
 LOG_HEAD_BYTES = 65536  # rank 0's "started" line comes within its first lines
+# The other ranks leave the final barrier with rank 0 but their pods' Succeeded can reach the
+# apiserver seconds later: they get this long to exit by themselves (keeping their logs and
+# exit codes) before the operator deletes them.
+WORKER_EXIT_GRACE_SECONDS = 60
 
 
 def trainer_input_error(log_text: str) -> str | None:
@@ -181,6 +185,13 @@ class FineTuneJobController(Reconciler):
 
         leader = current.get(0)
         if leader is not None and leader.phase == "Succeeded":
+            exiting = sorted(p.rank for p in current.values() if not (p.finished or p.deleting))
+            grace_over = (leader.finished_at is None or (run.now - leader.finished_at)
+                          .total_seconds() >= WORKER_EXIT_GRACE_SECONDS)
+            if exiting and not grace_over:
+                self._waiting(run, "WorkersExiting", "training finished; waiting for rank(s) "
+                              f"{', '.join(map(str, exiting))} to exit")
+                return None
             return self._trained(run, job, spec, leader)
         lost = self._lost_workers(status, spec, current)
         # a pod being deleted ends by the SIGTERM it got (exit 143 on a real kubelet): it is

@@ -77,6 +77,7 @@ class PodView:
     unschedulable: str | None = None
     exit_code: int | None = None
     exit_reason: str | None = None
+    finished_at: datetime | None = None
     disrupted: bool = False  # evicted, preempted or drained: not the workload's fault
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -93,13 +94,14 @@ class PodView:
         disrupted = status.get("reason") == "Evicted" or any(
             (cond.get("type"), cond.get("status")) == ("DisruptionTarget", "True")
             for cond in status.get("conditions") or [])
-        exit_code = exit_reason = None
+        exit_code = exit_reason = finished_at = None
         containers = status.get("containerStatuses") or []
         for container in containers:
             terminated = (container.get("state") or {}).get("terminated")
             if terminated:
                 exit_code = terminated.get("exitCode")
                 exit_reason = terminated.get("reason")
+                finished_at = parse_time(terminated.get("finishedAt"))
         return cls(
             name=meta["name"],
             rank=int(labels.get(names.RANK_LABEL, 0)),
@@ -114,6 +116,7 @@ class PodView:
             unschedulable=unschedulable,
             exit_code=exit_code,
             exit_reason=exit_reason,
+            finished_at=finished_at,
             disrupted=disrupted,
             raw=pod,
         )
