@@ -1,21 +1,25 @@
-"""Frozen bf16 convolutions with weights pre-packed once for oneDNN (forward and backward-data).
+"""Frozen convolutions with weights pre-packed once for oneDNN (forward and backward-data).
 
 In eager PyTorch every `conv2d` call hands oneDNN a plain weight tensor, which oneDNN then
-reorders into its blocked AMX layout — for the forward and again for the input-gradient
-backward, every step. For the SD UNet's large convolutions (1280x2560x3x3: 59 MB in bf16) on
-small feature maps this reorder costs more than the convolution itself (ONEDNN_VERBOSE at
-256 px: 2.1 s of reorders against 1.3 s of convolutions per step). The UNet is frozen, so the
-weights are packed once per input shape here, and the backward computes only the input gradient
-(a transposed convolution with a pre-packed weight too). Results are bit-identical to eager
-(checked in tests/trainer); anything unusual (groups, dilation, non-bf16, string padding) keeps
-the eager path.
+reorders into its blocked layout (AMX's in bf16, AVX2's or AVX-512's in fp32) — for the forward
+and again for the input-gradient backward, every step. For the SD UNet's large convolutions
+(1280x2560x3x3: 59 MB in bf16) on small feature maps this reorder costs more than the
+convolution itself (ONEDNN_VERBOSE at 256 px: 2.1 s of reorders against 1.3 s of convolutions
+per step). The UNet is frozen, so the weights are packed once here, and the backward computes
+only the input gradient (a transposed convolution with a pre-packed weight too). Results are
+bit-identical to eager where oneDNN runs the same kernel (checked in tests/trainer); anything
+unusual (groups, dilation, string padding) keeps the eager path.
+
+Packed copies cost memory: a forward and a backward copy of every packed weight, per input
+shape. At most `max_shapes` shapes get their own copies; further shapes (an evaluation batch)
+reuse the first ones, which oneDNN then reorders per call as eager does.
 """
 
 from __future__ import annotations
 
 import os
 
-MAX_SHAPES = 6  # packed copies kept per convolution (train batch, eval batches, ...)
+MAX_SHAPES = 6  # packed copies kept per convolution in bf16 (train batch, eval batches, ...)
 
 
 def _ops_available() -> bool:
@@ -52,11 +56,12 @@ def _make_classes():
             return grad_input, None
 
     class PackedConv2d(nn.Module):
-        """Drop-in for a frozen bf16 nn.Conv2d (keeps the original as `.conv`)."""
+        """Drop-in for a frozen nn.Conv2d (keeps the original as `.conv`)."""
 
-        def __init__(self, conv: nn.Conv2d):
+        def __init__(self, conv: nn.Conv2d, max_shapes: int):
             super().__init__()
             self.conv = conv
+            self.max_shapes = max_shapes
             self.padding = list(conv.padding)
             self.stride = list(conv.stride)
             self.dilation = list(conv.dilation)
@@ -79,8 +84,8 @@ def _make_classes():
         def _packed(self, shape: tuple):
             packed = self._forward_cache.get(shape)
             if packed is None:
-                if len(self._forward_cache) >= MAX_SHAPES:
-                    self._forward_cache.pop(next(iter(self._forward_cache)))
+                if len(self._forward_cache) >= self.max_shapes:
+                    return next(iter(self._forward_cache.values()))
                 packed = mk._reorder_convolution_weight(
                     self._weight, self.padding, self.stride, self.dilation, 1, list(shape)
                 )
@@ -100,17 +105,17 @@ def _make_classes():
             grad = grad.to(self._weight.dtype).contiguous(memory_format=channels_last)
             key = tuple(grad.shape)
             entry = self._backward_cache.get(key)
+            output_padding = self._output_padding(in_shape)
+            if entry is None and len(self._backward_cache) >= self.max_shapes:
+                entry = next(iter(self._backward_cache.values()))[0], output_padding
             if entry is None:
-                if len(self._backward_cache) >= MAX_SHAPES:
-                    self._backward_cache.pop(next(iter(self._backward_cache)))
-                output_padding = self._output_padding(in_shape)
                 packed = mk._reorder_convolution_transpose_weight(
                     self._weight, self.padding, output_padding, self.stride, self.dilation, 1,
                     list(key),
                 )
                 entry = (packed, output_padding)
                 self._backward_cache[key] = entry
-            packed, output_padding = entry
+            packed = entry[0]
             return mk._convolution_transpose_pointwise(
                 grad, packed, None, self.padding, output_padding, self.stride, self.dilation,
                 1, "none", [], "",
@@ -144,18 +149,58 @@ def eligible(conv) -> bool:
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
         and tuple(conv.dilation) == (1, 1)
-        and conv.weight.dtype == torch.bfloat16
+        and conv.weight.dtype in (torch.bfloat16, torch.float32)
         and not conv.weight.requires_grad
     )
 
 
-def pack_frozen_convolutions(model) -> int:
-    """Replace every eligible frozen bf16 Conv2d in `model`; returns how many were replaced.
+def packed_bytes(model) -> int:
+    """Memory that packing `model` for one input shape adds: a forward and a backward copy of
+    every eligible convolution's weight, and a channels_last copy of those not in it."""
+    import torch
+
+    total = 0
+    for child in model.modules():
+        if eligible(child):
+            copies = 2 + (not child.weight.is_contiguous(memory_format=torch.channels_last))
+            total += copies * child.weight.nbytes
+    return total
+
+
+def room_to_pack(need_mb: float, step_peak_mb: float | None, rss_after_step_mb: float | None,
+                 free_mb: float | None, local_ranks: int) -> tuple[bool, str]:
+    """Whether this rank may pack, from its first step: its share of the free memory (local
+    ranks pack at the same time) must hold the packed copies plus what a step takes beyond
+    what the allocator keeps between steps, with 10 % to spare; and why, in words."""
+    if step_peak_mb is None or rss_after_step_mb is None or free_mb is None:
+        return False, "memory could not be measured here"
+    extra = max(0.0, step_peak_mb - rss_after_step_mb)
+    share = free_mb / local_ranks
+    return share >= 1.1 * (need_mb + extra), (
+        f"they take {need_mb / 1024:.1f} GiB and a step {extra / 1024:.1f} GiB more; this "
+        f"rank's share of the free memory is {share / 1024:.1f} GiB")
+
+
+SETTING = "AMXTUNE_PACKED_CONV"  # 0: never; bf16 (default): bf16 only; all: fp32 as well
+
+
+def enabled() -> bool:
+    return os.environ.get(SETTING, "bf16").strip().lower() != "0" and _ops_available()
+
+
+def fp32_wanted() -> bool:
+    """fp32 packing is asked for: with tcmalloc it makes a step only 3-12 % faster for 2.8-4.2
+    GB more per rank (docs/performance.md), so it is not the default."""
+    return os.environ.get(SETTING, "bf16").strip().lower() == "all"
+
+
+def pack_frozen_convolutions(model, max_shapes: int = MAX_SHAPES) -> int:
+    """Replace every eligible frozen Conv2d in `model`; returns how many were replaced.
 
     AMXTUNE_PACKED_CONV=0 disables it (e.g. to compare with eager).
     """
     global _CLASS
-    if os.environ.get("AMXTUNE_PACKED_CONV", "1") == "0" or not _ops_available():
+    if not enabled():
         return 0
     if _CLASS is None:
         _CLASS = _make_classes()
@@ -163,6 +208,6 @@ def pack_frozen_convolutions(model) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child):
-                setattr(parent, name, _CLASS(child))
+                setattr(parent, name, _CLASS(child, max_shapes))
                 replaced += 1
     return replaced
