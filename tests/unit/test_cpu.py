@@ -99,7 +99,8 @@ def test_avx512_bf16_without_amx_chooses_bf16_too():
 def test_auto_chooses_fp32_without_native_bf16_and_says_so(features):
     chosen = plan_for(features)
     assert chosen.precision == "no" and chosen.label == "fp32"
-    assert not chosen.packed_convolutions  # bf16-only path, not needed in fp32
+    assert not chosen.packed_convolutions  # fp32 ones only when asked (memory for little)
+    assert plan_for(features, pack_fp32=True).packed_convolutions
     assert chosen.channels_last
     assert len(chosen.notices) == 1
     assert "auto chose fp32: this CPU lacks native bf16" in chosen.notices[0]

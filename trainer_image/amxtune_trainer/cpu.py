@@ -255,9 +255,11 @@ def choose_precision(requested: str, cpus: list[CpuInfo]) -> tuple[str, str, lis
 
 
 def plan(cpus: list[CpuInfo], rank: int, requested_precision: str, channels_last: bool,
-         torch_compile: bool, accelerator: str = "none", compiler: str | None = None) -> Plan:
+         torch_compile: bool, accelerator: str = "none", compiler: str | None = None,
+         pack_fp32: bool = False) -> Plan:
     """Decide this rank's paths from every rank's CPU (`cpus[rank]` is this one's);
-    `compiler`: the C++ compiler torch.compile would use (`cpp_compiler()`), if any."""
+    `compiler`: the C++ compiler torch.compile would use (`cpp_compiler()`), if any;
+    `pack_fp32`: fp32 convolutions are packed too (AMXTUNE_PACKED_CONV=all)."""
     cpu = cpus[rank]
     precision, reason, notices = choose_precision(requested_precision, cpus)
     bf16 = precision == "bf16"
@@ -266,8 +268,9 @@ def plan(cpus: list[CpuInfo], rank: int, requested_precision: str, channels_last
         compile_on = False
         notices.append("torch.compile off: no C++ compiler (g++ or clang++, or CXX) found, "
                        "which Inductor needs on CPUs")
-    packed = bf16 and accelerator == "none" and not compile_on
-    if packed and not cpu.can_pack_bf16_convolutions:
+    # in fp32 (when asked) the trainer packs after the first step, where memory allows
+    packed = (bf16 or pack_fp32) and accelerator == "none" and not compile_on
+    if packed and bf16 and not cpu.can_pack_bf16_convolutions:
         packed = False
         notices.append("packed bf16 convolutions off: this CPU has no AVX-512 (BW, VL, DQ) or "
                        "AVX-NE-CONVERT, which oneDNN's bf16 convolutions need")

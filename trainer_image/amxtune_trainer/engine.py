@@ -166,12 +166,13 @@ class Trainer:
 
     def _plan(self) -> None:
         """Choose precision and fast paths from every rank's CPU."""
-        from amxtune_trainer import cpu
+        from amxtune_trainer import cpu, fastconv
 
         self.plan = cpu.plan(
             self.cpus, self.info.rank, self.opt.mixed_precision, self.rt.channels_last,
             self.rt.torch_compile, self.rt.accelerator,
             compiler=cpu.cpp_compiler() if self.rt.torch_compile else None,
+            pack_fp32=fastconv.fp32_wanted(),
         )
         self.plan.attention, notice = cpu.attention_backend(self.plan.bf16)
         if notice:
@@ -211,7 +212,7 @@ class Trainer:
                 self.text_encoder, dtype=self.weight_dtype, inplace=True
             )
         self.packed_convolutions = 0
-        if self.plan.packed_convolutions:
+        if self.plan.packed_convolutions and self.bf16:  # fp32: after the first step
             from amxtune_trainer.fastconv import pack_frozen_convolutions
 
             self.packed_convolutions = pack_frozen_convolutions(self.unet)
@@ -391,8 +392,15 @@ class Trainer:
 
         main = self.info.is_main
         for step in range(self.start_step + 1, self.opt.max_train_steps + 1):
+            measure = step == self.start_step + 1 and not self.bf16  # the same on every rank
+            if measure:
+                from amxtune_trainer.runtime import reset_peak_rss
+
+                measured = reset_peak_rss()
             began = time.perf_counter()
             loss = self.train_step(step)
+            if measure:
+                self._pack_if_memory_allows(measured)
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss became {loss} at step {step}")
             self.step_seconds.append(time.perf_counter() - began)
@@ -410,6 +418,32 @@ class Trainer:
                     checkpoint = self._checkpoint_path(step) if saved else self._save(step)
                     emit(TrainingStopped(step=step, checkpoint=str(checkpoint)))
                 raise Stopped(self.stop_signal or signal.SIGTERM, step)
+
+    def _pack_if_memory_allows(self, measured: bool) -> None:
+        """Pack the fp32 UNet's convolutions (AMXTUNE_PACKED_CONV=all) where the first step
+        showed room for them (fastconv.room_to_pack). Every rank measures before any packs."""
+        from amxtune_trainer import distributed, fastconv
+        from amxtune_trainer.runtime import free_memory_mb, phase_peak_rss_mb, rss_mb
+
+        wanted = self.plan.packed_convolutions and fastconv.enabled()
+        fits, detail = False, ""
+        if wanted:
+            fits, detail = fastconv.room_to_pack(
+                fastconv.packed_bytes(self.unet) / 2**20,
+                phase_peak_rss_mb() if measured else None, rss_mb(), free_memory_mb(),
+                self.info.local_world_size)
+        distributed.all_gather_object(self.info, fits)  # nobody packs before all measured
+        if not wanted:
+            return
+        if fits:
+            self.packed_convolutions = fastconv.pack_frozen_convolutions(self.unet, max_shapes=1)
+            line = f"packed {self.packed_convolutions} fp32 convolutions: {detail}"
+        else:
+            line = (f"packed fp32 convolutions off: {detail} (more memory: "
+                    "spec.workers.resources.memory)")
+            self.plan.notices.append(line)
+        if self.info.is_main:
+            print(f"amxtune-train {self.METHOD}: notice: {line}", file=sys.stderr, flush=True)
 
     def _periodic(self, step: int) -> None:
         from amxtune_trainer import samples
