@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,16 @@ def test_fp32_convolutions_are_packed_only_where_a_ranks_share_holds_them():
     assert room_to_pack(4400, 7700, 7700, 12 * 1024, 2)[0]  # the allocator kept the step's
     assert room_to_pack(4400, None, 4600, 12 * 1024, 1) == (
         False, "memory could not be measured here")
+
+
+def test_a_phase_peak_is_measured_apart_and_the_whole_life_peak_is_kept():
+    from amxtune_trainer import runtime
+
+    block = mmap.mmap(-1, 300 * 2**20)  # whatever the allocator: mapped, touched, unmapped
+    block.write(b"x" * len(block))
+    block.close()
+    life_peak = runtime.peak_rss_mb()
+    assert runtime.reset_peak_rss()
+    phase = runtime.phase_peak_rss_mb()
+    assert phase is not None and phase < life_peak - 200
+    assert runtime.peak_rss_mb() == pytest.approx(life_peak, abs=1)

@@ -113,16 +113,24 @@ def train(config, recipe: type) -> int:
 _EARLIER_PEAK_MB = 0.0  # the peak before the last reset_peak_rss()
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited
     from the parent across fork+exec), over its whole life."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return max(_EARLIER_PEAK_MB, int(line.split()[1]) / 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    if peak is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(_EARLIER_PEAK_MB, peak)
 
 
 def reset_peak_rss() -> bool:
@@ -140,24 +148,12 @@ def reset_peak_rss() -> bool:
 
 def phase_peak_rss_mb() -> float | None:
     """The peak since reset_peak_rss()."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_mb("VmHWM")
 
 
 def rss_mb() -> float | None:
     """This process's resident memory now."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_mb("VmRSS")
 
 
 _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
