@@ -399,11 +399,11 @@ class Trainer:
                 measured = reset_peak_rss()
             began = time.perf_counter()
             loss = self.train_step(step)
-            if measure:
-                self._pack_if_memory_allows(measured)
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss became {loss} at step {step}")
             self.step_seconds.append(time.perf_counter() - began)
+            if measure:
+                self._pack_if_memory_allows(measured)
             lr = float(self.lr_scheduler.get_last_lr()[0])
             self.step = step
             self.history.append({"step": step, "loss": loss, "lr": lr})
