@@ -59,26 +59,22 @@ def test_packed_conv_matches_eager(kernel, stride, padding, size, dtype):
     eager_grad, packed_grad = (r[1].float() for r in results)
     if dtype == torch.float32:  # a contiguous input: eager runs another kernel (summation order)
         torch.testing.assert_close(packed_grad, eager_grad, rtol=1e-5, atol=1e-5)
-        return
-    one_step = 2.0 ** -7 * eager_grad.abs().max()
-    assert (eager_grad - packed_grad).abs().max() <= one_step
-    assert (eager_grad != packed_grad).float().mean() < 0.01
+    else:
+        one_step = 2.0 ** -7 * eager_grad.abs().max()
+        assert (eager_grad - packed_grad).abs().max() <= one_step
+        assert (eager_grad != packed_grad).float().mean() < 0.01
     with torch.no_grad():  # other batch sizes (validation) work too
-        assert torch.equal(model(x[:1]), packed(x[:1]))
+        torch.testing.assert_close(packed(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-5)
 
 
-def test_only_frozen_convolutions_are_packed_and_their_bytes_counted():
-    from amxtune_trainer.fastconv import pack_frozen_convolutions, packed_bytes
+def test_only_frozen_bf16_and_fp32_convolutions_are_packed():
+    from amxtune_trainer.fastconv import pack_frozen_convolutions
 
     frozen = torch.nn.Conv2d(4, 8, 3).requires_grad_(False)
     trainable = torch.nn.Conv2d(4, 4, 3).to(torch.bfloat16)
     grouped = torch.nn.Conv2d(4, 4, 3, groups=2).to(torch.bfloat16).requires_grad_(False)
     half = torch.nn.Conv2d(4, 4, 3).to(torch.float16).requires_grad_(False)
-    model = torch.nn.Sequential(frozen, trainable, grouped, half)
-    assert packed_bytes(model) == 3 * 8 * 4 * 3 * 3 * 4  # forward, backward, channels_last
-    model = model.to(memory_format=torch.channels_last)
-    assert packed_bytes(model) == 2 * 8 * 4 * 3 * 3 * 4
-    assert pack_frozen_convolutions(model) == 1
+    assert pack_frozen_convolutions(torch.nn.Sequential(frozen, trainable, grouped, half)) == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,7 +96,8 @@ def test_shapes_beyond_the_limit_reuse_the_first_packed_weights(dtype):
             out.backward(torch.ones_like(out))
             grads.append((out.detach(), inp.grad))
         torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=0.02)
+        one_step = 0.02 if dtype == torch.bfloat16 else 1e-5  # as in the test above
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=one_step)
     conv = packed[0]
     assert len(conv._forward_cache) == len(conv._backward_cache) == 1
 

@@ -272,17 +272,16 @@ def against_reference(args, workdir: Path, extra: list[str]) -> list[dict]:
     from amxtune_trainer.bench_reference import reference_command, run_reference
     from amxtune_trainer.builtin.models import ensure_builtin_model
 
+    # the reference knows no "auto": it gets what our trainer chooses on this CPU ("no": fp32)
+    auto = cpu.choose_precision("auto", [cpu.probe()])[0]
     rows = []
     for model, resolution, precision in itertools.product(args.model, args.resolution,
                                                           args.precision):
         data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
-        # the reference knows no "auto": it gets what our trainer chooses on this CPU
-        chosen = precision
-        if precision == "auto":
-            chosen = "bf16" if cpu.choose_precision("auto", [cpu.probe()])[0] == "bf16" else "fp32"
         command = reference_command(Path(args.against_reference), args.method,
                                     ensure_builtin_model(model), data, workdir / "reference",
-                                    resolution, chosen, args.steps, LORA_RANK)
+                                    resolution, auto if precision == "auto" else precision,
+                                    args.steps, LORA_RANK)
         passes = []
         for number in range(args.passes):
             order = ["reference", "amxtune"] if number % 2 == 0 else ["amxtune", "reference"]

@@ -268,7 +268,6 @@ def plan(cpus: list[CpuInfo], rank: int, requested_precision: str, channels_last
         compile_on = False
         notices.append("torch.compile off: no C++ compiler (g++ or clang++, or CXX) found, "
                        "which Inductor needs on CPUs")
-    # in fp32 (when asked) the trainer packs after the first step, where memory allows
     packed = (bf16 or pack_fp32) and accelerator == "none" and not compile_on
     if packed and bf16 and not cpu.can_pack_bf16_convolutions:
         packed = False

@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
             ("features", " ".join(present) or "none of interest"),
             ("missing", " ".join(f for f in cpu.FEATURES if f not in info.features) or "none"),
             ("precision", f"{chosen.label} ({chosen.precision_reason})"),
-            ("packed convolutions", ("off" if not chosen.packed_convolutions else "on" if
-                                     chosen.bf16 else "after the first step, if memory allows")),
+            ("packed convolutions", "on" if chosen.packed_convolutions else "off"),
             ("channels_last", "on" if chosen.channels_last else "off"),
             ("torch.compile", "on" if chosen.torch_compile else "off"),
             ("attention", chosen.attention),

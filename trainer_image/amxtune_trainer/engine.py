@@ -212,10 +212,11 @@ class Trainer:
                 self.text_encoder, dtype=self.weight_dtype, inplace=True
             )
         self.packed_convolutions = 0
-        if self.plan.packed_convolutions and self.bf16:  # fp32: after the first step
-            from amxtune_trainer.fastconv import pack_frozen_convolutions
+        if self.plan.packed_convolutions:
+            from amxtune_trainer import fastconv
 
-            self.packed_convolutions = pack_frozen_convolutions(self.unet)
+            self.packed_convolutions = fastconv.pack_frozen_convolutions(
+                self.unet, fastconv.MAX_SHAPES if self.bf16 else fastconv.MAX_SHAPES_FP32)
 
         # Resume state (rank 0 reads it, everyone receives it).
         state = load_state(resume) if (self.info.is_main and resume is not None) else None
@@ -392,18 +393,11 @@ class Trainer:
 
         main = self.info.is_main
         for step in range(self.start_step + 1, self.opt.max_train_steps + 1):
-            measure = step == self.start_step + 1 and not self.bf16  # the same on every rank
-            if measure:
-                from amxtune_trainer.runtime import reset_peak_rss
-
-                measured = reset_peak_rss()
             began = time.perf_counter()
             loss = self.train_step(step)
             if not math.isfinite(loss):
                 raise RuntimeError(f"loss became {loss} at step {step}")
             self.step_seconds.append(time.perf_counter() - began)
-            if measure:
-                self._pack_if_memory_allows(measured)
             lr = float(self.lr_scheduler.get_last_lr()[0])
             self.step = step
             self.history.append({"step": step, "loss": loss, "lr": lr})
@@ -418,32 +412,6 @@ class Trainer:
                     checkpoint = self._checkpoint_path(step) if saved else self._save(step)
                     emit(TrainingStopped(step=step, checkpoint=str(checkpoint)))
                 raise Stopped(self.stop_signal or signal.SIGTERM, step)
-
-    def _pack_if_memory_allows(self, measured: bool) -> None:
-        """Pack the fp32 UNet's convolutions (AMXTUNE_PACKED_CONV=all) where the first step
-        showed room for them (fastconv.room_to_pack). Every rank measures before any packs."""
-        from amxtune_trainer import distributed, fastconv
-        from amxtune_trainer.runtime import free_memory_mb, phase_peak_rss_mb, rss_mb
-
-        wanted = self.plan.packed_convolutions and fastconv.enabled()
-        fits, detail = False, ""
-        if wanted:
-            fits, detail = fastconv.room_to_pack(
-                fastconv.packed_bytes(self.unet) / 2**20,
-                phase_peak_rss_mb() if measured else None, rss_mb(), free_memory_mb(),
-                self.info.local_world_size)
-        distributed.all_gather_object(self.info, fits)  # nobody packs before all measured
-        if not wanted:
-            return
-        if fits:
-            self.packed_convolutions = fastconv.pack_frozen_convolutions(self.unet, max_shapes=1)
-            line = f"packed {self.packed_convolutions} fp32 convolutions: {detail}"
-        else:
-            line = (f"packed fp32 convolutions off: {detail} (more memory: "
-                    "spec.workers.resources.memory)")
-            self.plan.notices.append(line)
-        if self.info.is_main:
-            print(f"amxtune-train {self.METHOD}: notice: {line}", file=sys.stderr, flush=True)
 
     def _periodic(self, step: int) -> None:
         from amxtune_trainer import samples

@@ -6,9 +6,10 @@ and again for the input-gradient backward, every step. For the SD UNet's large c
 (1280x2560x3x3: 59 MB in bf16) on small feature maps this reorder costs more than the
 convolution itself (ONEDNN_VERBOSE at 256 px: 2.1 s of reorders against 1.3 s of convolutions
 per step). The UNet is frozen, so the weights are packed once here, and the backward computes
-only the input gradient (a transposed convolution with a pre-packed weight too). Results are
-bit-identical to eager where oneDNN runs the same kernel (checked in tests/trainer); anything
-unusual (groups, dilation, string padding) keeps the eager path.
+only the input gradient (a transposed convolution with a pre-packed weight too). bf16 packs by
+default, fp32 only when asked (`fp32_wanted`). Results are bit-identical to eager where oneDNN
+runs the same kernel (checked in tests/trainer); anything unusual (groups, dilation, string
+padding) keeps the eager path.
 
 Packed copies cost memory: a forward and a backward copy of every packed weight, per input
 shape. At most `max_shapes` shapes get their own copies; further shapes (an evaluation batch)
@@ -20,6 +21,10 @@ from __future__ import annotations
 import os
 
 MAX_SHAPES = 6  # packed copies kept per convolution in bf16 (train batch, eval batches, ...)
+# fp32 copies are twice the size: one shape, whichever comes first (the evaluation batch before
+# training). Measured: a 1280x1280x3x3 fp32 weight packed for batch 4 runs a batch-1 input as
+# fast as one packed for batch 1 (AVX2 7.9 ms, AVX-512 4.8 ms; eager 11 ms).
+MAX_SHAPES_FP32 = 1
 
 
 def _ops_available() -> bool:
@@ -154,44 +159,15 @@ def eligible(conv) -> bool:
     )
 
 
-def packed_bytes(model) -> int:
-    """Memory that packing `model` for one input shape adds: a forward and a backward copy of
-    every eligible convolution's weight, and a channels_last copy of those not in it."""
-    import torch
-
-    total = 0
-    for child in model.modules():
-        if eligible(child):
-            copies = 2 + (not child.weight.is_contiguous(memory_format=torch.channels_last))
-            total += copies * child.weight.nbytes
-    return total
-
-
-def room_to_pack(need_mb: float, step_peak_mb: float | None, rss_after_step_mb: float | None,
-                 free_mb: float | None, local_ranks: int) -> tuple[bool, str]:
-    """Whether this rank may pack, from its first step: its share of the free memory (local
-    ranks pack at the same time) must hold the packed copies plus what a step takes beyond
-    what the allocator keeps between steps, with 10 % to spare; and why, in words."""
-    if step_peak_mb is None or rss_after_step_mb is None or free_mb is None:
-        return False, "memory could not be measured here"
-    extra = max(0.0, step_peak_mb - rss_after_step_mb)
-    share = free_mb / local_ranks
-    return share >= 1.1 * (need_mb + extra), (
-        f"they take {need_mb / 1024:.1f} GiB and a step {extra / 1024:.1f} GiB more; this "
-        f"rank's share of the free memory is {share / 1024:.1f} GiB")
-
-
-SETTING = "AMXTUNE_PACKED_CONV"  # 0: never; bf16 (default): bf16 only; all: fp32 as well
-
-
-def enabled() -> bool:
-    return os.environ.get(SETTING, "bf16").strip().lower() != "0" and _ops_available()
+def _setting() -> str:
+    """AMXTUNE_PACKED_CONV: 0 never; bf16 (the default) bf16 only; all fp32 as well."""
+    return os.environ.get("AMXTUNE_PACKED_CONV", "bf16").strip().lower()
 
 
 def fp32_wanted() -> bool:
     """fp32 packing is asked for: with tcmalloc it makes a step only 3-12 % faster for 2.8-4.2
     GB more per rank (docs/performance.md), so it is not the default."""
-    return os.environ.get(SETTING, "bf16").strip().lower() == "all"
+    return _setting() == "all"
 
 
 def pack_frozen_convolutions(model, max_shapes: int = MAX_SHAPES) -> int:
@@ -200,7 +176,7 @@ def pack_frozen_convolutions(model, max_shapes: int = MAX_SHAPES) -> int:
     AMXTUNE_PACKED_CONV=0 disables it (e.g. to compare with eager).
     """
     global _CLASS
-    if not enabled():
+    if _setting() == "0" or not _ops_available():
         return 0
     if _CLASS is None:
         _CLASS = _make_classes()

@@ -110,102 +110,16 @@ def train(config, recipe: type) -> int:
     return 0
 
 
-_EARLIER_PEAK_MB = 0.0  # the peak before the last reset_peak_rss()
-
-
-def _status_mb(field: str) -> float | None:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited
+    from the parent across fork+exec)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited
-    from the parent across fork+exec), over its whole life."""
-    peak = _status_mb("VmHWM")
-    if peak is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return max(_EARLIER_PEAK_MB, peak)
-
-
-def reset_peak_rss() -> bool:
-    """Start measuring the peak from now (VmHWM := VmRSS) so that one phase's own peak can be
-    read; peak_rss_mb() still answers for the whole life. False where the kernel refuses."""
-    global _EARLIER_PEAK_MB
-    before = peak_rss_mb()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    _EARLIER_PEAK_MB = before
-    return True
-
-
-def phase_peak_rss_mb() -> float | None:
-    """The peak since reset_peak_rss()."""
-    return _status_mb("VmHWM")
-
-
-def rss_mb() -> float | None:
-    """This process's resident memory now."""
-    return _status_mb("VmRSS")
-
-
-_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge number
-
-
-def _memory_cgroup(proc: Path, cgroup_root: Path) -> tuple[Path, Path, tuple[str, str, str]] | None:
-    """(this process's memory cgroup folder, its hierarchy's root, (limit, usage, inactive page
-    cache key)) for cgroup v2 or v1."""
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" and (cgroup_root / "cgroup.controllers").is_file():
-            files = ("memory.max", "memory.current", "inactive_file")
-            return cgroup_root / path.lstrip("/"), cgroup_root, files
-        if "memory" in controllers.split(","):
-            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
-            root = cgroup_root / "memory"
-            return root / path.lstrip("/"), root, files
-    return None
-
-
-def free_memory_mb(proc: Path = Path("/proc"),
-                   cgroup_root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """Memory this process may still take: the least headroom of its memory cgroup and every
-    ancestor with a limit (a container's, its pod's), and the machine's MemAvailable.
-    Reclaimable page cache (inactive files) does not count as used."""
-    free: list[float] = []
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                free.append(int(line.split()[1]) / 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    found = _memory_cgroup(proc, cgroup_root)
-    if found is not None:
-        group, root, (limit_file, usage_file, inactive) = found
-        for folder in (group, *group.parents):
-            try:
-                limit = (folder / limit_file).read_text().strip()
-                if limit != "max" and int(limit) < _NO_LIMIT:
-                    used = int((folder / usage_file).read_text())
-                    stat = dict(line.split() for line in
-                                (folder / "memory.stat").read_text().splitlines())
-                    free.append((int(limit) - used + int(stat.get(inactive, 0))) / 2**20)
-            except (OSError, ValueError):
-                pass
-            if folder == root:
-                break
-    return min(free) if free else None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def pss_mb(pid: int | str = "self") -> float | None:
