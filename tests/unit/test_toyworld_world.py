@@ -41,6 +41,18 @@ def test_statistics_read_colour_shape_and_background_of_drawn_scenes():
     assert hits["shape"] == counted
 
 
+def test_a_speck_apart_from_the_object_does_not_change_what_is_read():
+    from PIL import ImageDraw
+
+    image = world.render(world.Scene("box", "blue", "", "", "grass", 5))
+    clean = similarity.describe(image)
+    # a speck in the sky, as generated pictures have
+    ImageDraw.Draw(image).rectangle([2, 2, 3, 3], fill=(200, 30, 30))
+    speckled = similarity.describe(image)
+    assert clean["shape"] == speckled["shape"] == "square"
+    assert speckled["features"] == clean["features"]
+
+
 def test_the_robot_is_like_itself_and_unlike_the_world():
     from PIL import Image
 

@@ -5,7 +5,7 @@ below), so a few statistics describe them: the background is the colour each row
 the object is what differs from it, and the object's colour, size, outline and dark parts
 tell what it is. No downloaded network is needed.
 
-- `features(image)`: the object's mean colour, area, height/width, how much of its bounding
+- `features(image)`: the object's main (median) colour, area, height/width, how much of its bounding
   box it fills, how much of it is dark, and where its mass sits (top/middle/bottom thirds);
 - `concept_similarity(images, concept_images)`: 1.0 when the images' features fall where the
   concept images' do, towards 0 as they move away (each feature measured in units of its
@@ -55,14 +55,43 @@ def segment(image) -> ObjectView:
     mask = distance > 0.15
     if mask.sum() < 4:  # nothing stands out: take the pixels that differ most
         mask = distance >= np.quantile(distance, 0.98)
-    return ObjectView(mask, pixels, background)
+    # generated pictures have specks and a soft horizon: the object is the biggest blob
+    return ObjectView(largest_blob(mask), pixels, background)
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of `mask`."""
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, todo = [], [start]
+        while todo:
+            row, col = todo.pop()
+            region.append((row, col))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    r, c = row + dr, col + dc
+                    if 0 <= r < height and 0 <= c < width and mask[r, c] and not seen[r, c]:
+                        seen[r, c] = True
+                        todo.append((r, c))
+        if len(region) > len(best):
+            best = region
+    blob = np.zeros_like(mask)
+    rows, cols = zip(*best, strict=True)
+    blob[list(rows), list(cols)] = True
+    return blob
 
 
 def features(image) -> np.ndarray:
     view = segment(image)
     mask = view.mask
     rows, cols = np.nonzero(mask)
-    colour = view.pixels[mask].mean(axis=0)
+    # the median, not the mean: an object's main colour, not mixed with its dark eyes or legs
+    colour = np.median(view.pixels[mask], axis=0)
     height = rows.max() - rows.min() + 1
     width = cols.max() - cols.min() + 1
     area = mask.sum() / mask.size
