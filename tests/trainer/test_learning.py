@@ -2,19 +2,19 @@
 
 Textual inversion of the drawn yellow robot (examples/concepts/robot, not part of the toy
 world), two vectors started from "yellow toy". What is held to a bar is the evaluation-set
-loss (the concept's images under fixed noise and timesteps): on toyworld it falls by 4-5 % in
+loss (the concept's images under fixed noise and timesteps): on toyworld it falls by 6-7 % in
 150 steps, where the random-weight `tiny` model moved by 0.05 %, and a trainer that does not
 learn leaves it where it was. Two ranks with half the batch each, and bf16 instead of fp32,
 must end where one fp32 rank does. The concept similarity is computed and reported, but not
 yet held to a bar: on this model it does not yet rank the learned token above the initializer
 phrase (docs/learning.md).
 
-Measured on an Intel Xeon with AMX, 2 cores, 1 thread per rank (evaluation loss at steps
-0 / 150, relative fall):
-- 1 rank, batch 4, fp32, seed 7: 0.15054 -> 0.14416 (4.24 %); seed 8: -> 0.14380 (4.48 %)
-- 2 ranks x batch 2, fp32, seed 7: 0.15054 -> 0.14388 (4.42 %)
-- 1 rank, batch 4, bf16 (AMX), seed 7: 0.14992 -> 0.14361 (4.21 %)
-The variants' final losses lie within 0.4 % of each other; not learning would leave 4.4 %.
+Measured on an AMD EPYC (Zen 5, AVX512-BF16, no AMX), 2 cores, 1 thread per rank (evaluation
+loss at steps 0 / 150, relative fall):
+- 1 rank, batch 4, fp32, seed 7: 0.19883 -> 0.18576 (6.57 %); seed 8: -> 0.18514 (6.88 %)
+- 2 ranks x batch 2, fp32, seed 7: 0.19883 -> 0.18539 (6.76 %)
+- 1 rank, batch 4, bf16 (native), seed 7: 0.19846 -> 0.18537 (6.60 %)
+The variants' final losses lie within 0.3 % of each other; not learning would leave 6.6 %.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROBOT = ROOT / "examples" / "concepts" / "robot"
 STEPS = 150
 LEARNING_RATE = 1e-4
-EVAL_DROP = 0.025  # at least 2.5 % (measured 4.2-4.5 %)
-EVAL_TOLERANCE = 0.01  # final losses of equivalent variants within 1 % (measured <= 0.4 %)
+EVAL_DROP = 0.04  # at least 4 % (measured 6.6-6.9 %)
+EVAL_TOLERANCE = 0.01  # final losses of equivalent variants within 1 % (measured <= 0.3 %)
 
 
 def learn(out: Path, *, ranks: int = 1, batch: int = 4, precision: str = "no",

@@ -9,8 +9,8 @@ Stages, each deterministic from --seed (on one CPU class; bf16 on AMX changes th
    rendered scenes; its scaling factor makes the latents unit-variance;
 3. text encoder (CLIPTextModel) and UNet (UNet2DConditionModel) together, on the scenes'
    latents (encoded once) and captions: the epsilon-prediction loss of Stable Diffusion's noise
-   schedule, with 10 % empty captions so that classifier-free guidance works; the UNet's
-   weights are averaged (EMA) and the average is what is saved.
+   schedule, weighted by min-SNR (gamma 5), with 10 % empty captions so that classifier-free
+   guidance works; the UNet's weights are averaged (EMA) and the average is what is saved.
 The result is an ordinary diffusers StableDiffusionPipeline folder plus manifest.json (seed,
 steps, data version, command, losses, sha256 of every file).
 """
@@ -35,15 +35,18 @@ MANIFEST = "manifest.json"
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    vae_steps: int = 2000
+    vae_steps: int = 4000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 6000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     text_lr: float = 2e-4
     scenes: int = 20000  # distinct scenes in the UNet's data set
     ema_decay: float = 0.999
+    # min-SNR loss weighting (Hang et al. 2023): converges faster; 0 turns it off. The loss
+    # logged and recorded stays the unweighted one, comparable across settings.
+    snr_gamma: float = 5.0
     empty_caption: float = 0.1
     # fp32: these layers are too small for bf16 to pay (measured slower on AMX, 3.4 vs 2.3 s)
     precision: str = "fp32"
@@ -179,6 +182,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, config: PretrainConfig, b
 
     means, stds, seeds, scale = latents
     scheduler = DDPMScheduler.from_config({**SD_SCHEDULER, "prediction_type": "epsilon"})
+    signal_to_noise = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     params = [
         {"params": unet.parameters(), "lr": config.unet_lr},
         {"params": text_encoder.parameters(), "lr": config.text_lr},
@@ -211,7 +215,12 @@ def train_unet(unet, text_encoder, tokenizer, latents, config: PretrainConfig, b
         with autocast(bf16):
             hidden = text_encoder(ids)[0]
             prediction = unet(noisy, timesteps, hidden).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        if config.snr_gamma > 0:
+            snr = signal_to_noise[timesteps]
+            loss = (per_sample * torch.clamp(snr, max=config.snr_gamma) / snr).mean()
+        else:
+            loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
@@ -221,7 +230,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, config: PretrainConfig, b
         with torch.no_grad():
             for average, current in zip(ema.parameters(), unet.parameters(), strict=True):
                 average.lerp_(current, 1 - decay)
-        recent = [*recent, float(loss.detach())][-config.log_every:]
+        recent = [*recent, float(per_sample.mean().detach())][-config.log_every:]
         if step % config.log_every == 0 or step == config.unet_steps:
             log(f"unet step {step}/{config.unet_steps} loss {sum(recent) / len(recent):.4f}")
     text_encoder.eval()

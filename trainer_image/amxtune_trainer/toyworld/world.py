@@ -3,7 +3,9 @@ drawn with PIL and captioned in plain words ("a big red ball on the left on the 
 
 Everything is deterministic from a seed (`scene(seed)`, `render(scene)`), so the pretraining
 data set is a seed and a count, not files. The yellow robot of examples/concepts is not in
-this world: no kind has a head, legs or an antenna, which is what textual inversion must learn.
+this world: no kind is a head with eyes on a body with arms, legs and an antenna, which is what
+textual inversion must learn. Some of its parts are (the snowman's eyes, the stool's legs), as a
+real model knows parts of things it has never seen whole.
 Bump DATA_VERSION when drawings or captions change (the model's manifest records it).
 """
 
@@ -13,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 
-DATA_VERSION = 1
+DATA_VERSION = 2
 IMAGE_SIZE = 64
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -33,8 +35,8 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "snow": ((170, 180, 195), (240, 244, 248)),
     "table": ((225, 215, 190), (140, 95, 60)),
 }
-KINDS = ("ball", "box", "cone", "ring", "star", "bottle")
-SIZES = {"small": 0.6, "": 1.0, "big": 1.35}  # "" is the unnamed middle size
+KINDS = ("ball", "box", "cone", "star", "bottle", "snowman", "stool")
+SIZES = {"small": 0.75, "": 1.0, "big": 1.2}  # "" is the unnamed middle size
 PLACES = {"on the left": -1, "": 0, "on the right": 1}
 # The textual-inversion prompt templates' framing, so that its words mean nothing here either.
 FRAMES = (
@@ -42,6 +44,7 @@ FRAMES = (
     "a close-up photo of {}", "a bright photo of {}", "a dark photo of {}", "a good photo of {}",
     "a photo of my {}", "a rendition of {}", "a picture of {}",
 )
+EYES = (30, 30, 35)  # dark details: eyes, legs
 GENERIC_KIND = "toy"  # stands for any kind in some captions
 
 
@@ -105,7 +108,7 @@ def render(item: Scene, size: int = IMAGE_SIZE):
     draw = ImageDraw.Draw(image)
     horizon = big * rng.uniform(0.62, 0.76)
     draw.rectangle([0, horizon, big, big], fill=ground)
-    radius = big * 0.14 * SIZES[item.size] * rng.uniform(0.9, 1.1)
+    radius = big * 0.18 * SIZES[item.size] * rng.uniform(0.9, 1.1)
     cx = big / 2 + PLACES[item.place] * big * 0.24 + rng.uniform(-0.05, 0.05) * big
     cy = horizon - radius * 1.05 + rng.uniform(-0.03, 0.06) * big
     color = COLORS[item.color]
@@ -119,10 +122,6 @@ def render(item: Scene, size: int = IMAGE_SIZE):
         draw.rectangle([cx - r, cy - r, cx + r, cy - r * 0.6], fill=_shade(color, 1.25))
     elif item.kind == "cone":
         draw.polygon([(cx, cy - r * 1.25), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-    elif item.kind == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        hole = ground if cy > horizon else sky
-        draw.ellipse([cx - r * 0.45, cy - r * 0.45, cx + r * 0.45, cy + r * 0.45], fill=hole)
     elif item.kind == "star":
         points = []
         for i in range(10):
@@ -133,6 +132,20 @@ def render(item: Scene, size: int = IMAGE_SIZE):
     elif item.kind == "bottle":
         draw.rectangle([cx - r * 0.45, cy - r * 0.45, cx + r * 0.45, cy + r], fill=color)
         draw.rectangle([cx - r * 0.2, cy - r * 1.2, cx + r * 0.2, cy - r * 0.45], fill=color)
+    elif item.kind == "snowman":  # a ball on a ball, two dark eyes
+        low, high = r * 0.62, r * 0.42
+        base = cy + r - low
+        draw.ellipse([cx - low, base - low, cx + low, base + low], fill=color)
+        top = base - low - high * 0.8
+        draw.ellipse([cx - high, top - high, cx + high, top + high], fill=color)
+        eye = max(1.5, high * 0.18)
+        for dx in (-0.4, 0.4):
+            ex, ey = cx + dx * high, top - high * 0.15
+            draw.ellipse([ex - eye, ey - eye, ex + eye, ey + eye], fill=EYES)
+    elif item.kind == "stool":  # a seat on two dark legs
+        draw.rectangle([cx - r, cy - r * 0.35, cx + r, cy + r * 0.15], fill=color)
+        for left in (cx - r * 0.8, cx + r * 0.45):
+            draw.rectangle([left, cy + r * 0.15, left + r * 0.35, cy + r], fill=EYES)
     else:  # pragma: no cover - KINDS is closed
         raise ValueError(item.kind)
     return image.resize((size, size), Image.Resampling.LANCZOS)
