@@ -50,7 +50,8 @@ def _as_array(image) -> np.ndarray:
 def segment(image) -> ObjectView:
     """Separate the object from a background of horizontal bands (row medians)."""
     pixels = _as_array(image)
-    background = np.median(pixels, axis=1)  # the object covers less than half of every row
+    # the object covers less than half of each row (all but a big star's widest rows)
+    background = np.median(pixels, axis=1)
     distance = np.linalg.norm(pixels - background[:, None, :], axis=2)
     mask = distance > 0.15
     if mask.sum() < 4:  # nothing stands out: take the pixels that differ most
