@@ -67,14 +67,17 @@ def test_packed_conv_matches_eager(kernel, stride, padding, size, dtype):
         torch.testing.assert_close(packed(x[:1]), model(x[:1]), rtol=1e-5, atol=1e-5)
 
 
-def test_only_frozen_bf16_and_fp32_convolutions_are_packed():
-    from amxtune_trainer.fastconv import pack_frozen_convolutions
+def test_only_frozen_bf16_and_fp32_convolutions_are_packed_fp32_for_fewer_shapes():
+    from amxtune_trainer.fastconv import MAX_SHAPES, MAX_SHAPES_FP32, pack_frozen_convolutions
 
     frozen = torch.nn.Conv2d(4, 8, 3).requires_grad_(False)
+    frozen_bf16 = torch.nn.Conv2d(4, 8, 3).to(torch.bfloat16).requires_grad_(False)
     trainable = torch.nn.Conv2d(4, 4, 3).to(torch.bfloat16)
     grouped = torch.nn.Conv2d(4, 4, 3, groups=2).to(torch.bfloat16).requires_grad_(False)
     half = torch.nn.Conv2d(4, 4, 3).to(torch.float16).requires_grad_(False)
-    assert pack_frozen_convolutions(torch.nn.Sequential(frozen, trainable, grouped, half)) == 1
+    model = torch.nn.Sequential(frozen, frozen_bf16, trainable, grouped, half)
+    assert pack_frozen_convolutions(model) == 2
+    assert (model[0].max_shapes, model[1].max_shapes) == (MAX_SHAPES_FP32, MAX_SHAPES)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

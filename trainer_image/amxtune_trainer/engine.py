@@ -215,8 +215,7 @@ class Trainer:
         if self.plan.packed_convolutions:
             from amxtune_trainer import fastconv
 
-            self.packed_convolutions = fastconv.pack_frozen_convolutions(
-                self.unet, fastconv.MAX_SHAPES if self.bf16 else fastconv.MAX_SHAPES_FP32)
+            self.packed_convolutions = fastconv.pack_frozen_convolutions(self.unet)
 
         # Resume state (rank 0 reads it, everyone receives it).
         state = load_state(resume) if (self.info.is_main and resume is not None) else None

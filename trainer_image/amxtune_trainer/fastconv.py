@@ -170,8 +170,10 @@ def fp32_wanted() -> bool:
     return _setting() == "all"
 
 
-def pack_frozen_convolutions(model, max_shapes: int = MAX_SHAPES) -> int:
-    """Replace every eligible frozen Conv2d in `model`; returns how many were replaced.
+def pack_frozen_convolutions(model, max_shapes: int | None = None) -> int:
+    """Replace every eligible frozen Conv2d in `model`; returns how many were replaced. Each
+    keeps packed copies for `max_shapes` input shapes (by default MAX_SHAPES in bf16,
+    MAX_SHAPES_FP32 in fp32).
 
     AMXTUNE_PACKED_CONV=0 disables it (e.g. to compare with eager).
     """
@@ -184,6 +186,8 @@ def pack_frozen_convolutions(model, max_shapes: int = MAX_SHAPES) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child):
-                setattr(parent, name, _CLASS(child, max_shapes))
+                shapes = max_shapes or (MAX_SHAPES_FP32 if child.weight.dtype.itemsize == 4
+                                        else MAX_SHAPES)
+                setattr(parent, name, _CLASS(child, shapes))
                 replaced += 1
     return replaced
