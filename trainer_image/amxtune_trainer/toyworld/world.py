@@ -44,7 +44,7 @@ FRAMES = (
     "a close-up photo of {}", "a bright photo of {}", "a dark photo of {}", "a good photo of {}",
     "a photo of my {}", "a rendition of {}", "a picture of {}",
 )
-EYES = (30, 30, 35)  # dark details: eyes, legs
+DETAIL = COLORS["black"]  # the snowman's eyes, the stool's legs
 GENERIC_KIND = "toy"  # stands for any kind in some captions
 
 
@@ -141,11 +141,11 @@ def render(item: Scene, size: int = IMAGE_SIZE):
         eye = max(1.5, high * 0.18)
         for dx in (-0.4, 0.4):
             ex, ey = cx + dx * high, top - high * 0.15
-            draw.ellipse([ex - eye, ey - eye, ex + eye, ey + eye], fill=EYES)
+            draw.ellipse([ex - eye, ey - eye, ex + eye, ey + eye], fill=DETAIL)
     elif item.kind == "stool":  # a seat on two dark legs
         draw.rectangle([cx - r, cy - r * 0.35, cx + r, cy + r * 0.15], fill=color)
         for left in (cx - r * 0.8, cx + r * 0.45):
-            draw.rectangle([left, cy + r * 0.15, left + r * 0.35, cy + r], fill=EYES)
+            draw.rectangle([left, cy + r * 0.15, left + r * 0.35, cy + r], fill=DETAIL)
     else:  # pragma: no cover - KINDS is closed
         raise ValueError(item.kind)
     return image.resize((size, size), Image.Resampling.LANCZOS)
