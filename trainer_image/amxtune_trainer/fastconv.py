@@ -177,6 +177,8 @@ def pack_frozen_convolutions(model, max_shapes: int | None = None) -> int:
 
     AMXTUNE_PACKED_CONV=0 disables it (e.g. to compare with eager).
     """
+    import torch
+
     global _CLASS
     if _setting() == "0" or not _ops_available():
         return 0
@@ -186,8 +188,10 @@ def pack_frozen_convolutions(model, max_shapes: int | None = None) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child):
-                shapes = max_shapes or (MAX_SHAPES_FP32 if child.weight.dtype.itemsize == 4
-                                        else MAX_SHAPES)
+                shapes = max_shapes
+                if shapes is None:
+                    fp32 = child.weight.dtype == torch.float32
+                    shapes = MAX_SHAPES_FP32 if fp32 else MAX_SHAPES
                 setattr(parent, name, _CLASS(child, shapes))
                 replaced += 1
     return replaced
