@@ -1,4 +1,4 @@
-"""python -m amxtune_trainer.toyworld pretrain|check|evaluate ..."""
+"""python -m amxtune_trainer.toyworld pretrain|check|evaluate|reconstruct ..."""
 
 from __future__ import annotations
 
@@ -40,7 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     judge.add_argument("--grid", type=Path, help="also write the images as one grid PNG")
     judge.add_argument("--record", action="store_true",
                        help="write the fractions into the folder's manifest.json")
+    carry = commands.add_parser("reconstruct", help="encode and decode a concept's images "
+                                "with the model's VAE: what no fine-tuning can draw better")
+    carry.add_argument("folder", type=Path)
+    carry.add_argument("concept_dir", type=Path)
+    carry.add_argument("--grid", type=Path,
+                       help="also write the images (top) and their reconstructions (bottom)")
     args = parser.parse_args(argv)
+    if args.command == "reconstruct":
+        from amxtune_trainer.images import make_grid
+        from amxtune_trainer.toyworld.evaluate import reconstruction
+
+        result = reconstruction(args.folder, args.concept_dir)
+        if args.grid:
+            make_grid(result["grid"], columns=result["concept_images"],
+                      min_size=256).save(args.grid)
+        print({k: v for k, v in result.items() if k != "grid"})
+        return 0
     if args.command == "evaluate":
         from amxtune_trainer.images import make_grid
         from amxtune_trainer.toyworld.evaluate import evaluate

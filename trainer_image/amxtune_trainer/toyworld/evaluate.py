@@ -62,3 +62,45 @@ def evaluate(folder: Path | str, per_prompt: int = 4, seed: int = 0) -> dict:
     return {"images": total, "seed": seed, "guidance_scale": GUIDANCE, "steps": STEPS,
             **{f"{k}_match": round(v / total, 3) for k, v in hits.items()},
             "rows": rows, "grid": images}
+
+
+def reconstruction(folder: Path | str, concept_dir: Path | str, scenes: int = 16) -> dict:
+    """How well the model's VAE carries a concept's images, against the world's own scenes.
+
+    Fine-tuning (textual inversion or LoRA) only moves what the UNet predicts in latent space;
+    what the VAE cannot encode and decode, no fine-tuning can draw. The mean absolute error is
+    in pixel units of [0, 1], each image encoded to its latent mean and decoded, at 64 px as
+    the trainer sees it (`load_concept`). Returns both errors and the pairs (original, decoded)
+    for a grid."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    from amxtune_api.training import TrainingOptions
+    from amxtune_trainer.data import load_concept
+    from amxtune_trainer.toyworld import world
+    from amxtune_trainer.toyworld.pretrain import scene_batch
+
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").eval()
+    concept = load_concept(concept_dir, world.IMAGE_SIZE, center_crop=False,
+                           extensions=TrainingOptions().image_extensions, use_captions=False)
+    concept_pixels = torch.from_numpy(np.stack(concept.pixels))
+    scene_pixels, _ = scene_batch(list(range(10**6, 10**6 + scenes)))  # not the UNet's seeds
+
+    def roundtrip(pixels):
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+        return decoded, float((decoded - pixels).abs().mean() / 2)
+
+    concept_decoded, concept_error = roundtrip(concept_pixels)
+    _, scene_error = roundtrip(scene_pixels)
+
+    def image(pixels):
+        from PIL import Image
+
+        array = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        return Image.fromarray(array)
+
+    pairs = [image(p) for p in concept_pixels] + [image(p) for p in concept_decoded]
+    return {"concept_images": len(concept.pixels), "concept_error": round(concept_error, 4),
+            "scene_error": round(scene_error, 4), "grid": pairs}
