@@ -97,3 +97,10 @@ def test_a_changed_weight_file_is_reported(tmp_path):
         "extra.txt: not in the manifest",
         "unet/diffusion_pytorch_model.safetensors: sha256 differs",
     ]
+
+
+def test_reconstruct_names_a_missing_concept_folder(tmp_path, capsys):
+    from amxtune_trainer.toyworld.__main__ import main
+
+    assert main(["reconstruct", str(tmp_path), str(tmp_path / "robot")]) != 0
+    assert f"{tmp_path / 'robot'} does not exist" in capsys.readouterr().err

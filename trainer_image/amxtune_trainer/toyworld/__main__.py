@@ -48,10 +48,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="also write the images (top) and their reconstructions (bottom)")
     args = parser.parse_args(argv)
     if args.command == "reconstruct":
+        from amxtune_trainer.errors import UserError
         from amxtune_trainer.images import make_grid
         from amxtune_trainer.toyworld.evaluate import reconstruction
 
-        result = reconstruction(args.folder, args.concept_dir)
+        try:
+            result = reconstruction(args.folder, args.concept_dir)
+        except UserError as error:
+            print(f"reconstruct: {error}", file=sys.stderr)
+            return error.exit_code
         if args.grid:
             make_grid(result["grid"], columns=result["concept_images"],
                       min_size=256).save(args.grid)

@@ -71,19 +71,21 @@ def reconstruction(folder: Path | str, concept_dir: Path | str, scenes: int = 16
     what the VAE cannot encode and decode, no fine-tuning can draw. The mean absolute error is
     in pixel units of [0, 1], each image encoded to its latent mean and decoded, at 64 px as
     the trainer sees it (`load_concept`). Returns both errors and the pairs (original, decoded)
-    for a grid."""
+    for a grid. A missing or empty concept folder is a UserError, before any weights load."""
     import numpy as np
-    import torch
-    from diffusers import AutoencoderKL
 
     from amxtune_api.training import TrainingOptions
     from amxtune_trainer.data import load_concept
     from amxtune_trainer.toyworld import world
+
+    concept = load_concept(concept_dir, world.IMAGE_SIZE, center_crop=False,
+                           extensions=TrainingOptions().image_extensions, use_captions=False)
+    import torch
+    from diffusers import AutoencoderKL
+
     from amxtune_trainer.toyworld.pretrain import scene_batch
 
     vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae").eval()
-    concept = load_concept(concept_dir, world.IMAGE_SIZE, center_crop=False,
-                           extensions=TrainingOptions().image_extensions, use_captions=False)
     concept_pixels = torch.from_numpy(np.stack(concept.pixels))
     scene_pixels, _ = scene_batch(list(range(10**6, 10**6 + scenes)))  # not the UNet's seeds
 
