@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from amxtune_trainer.errors import UserError
 from amxtune_trainer.toyworld.pretrain import (
     PretrainConfig,
     check_manifest,
@@ -47,16 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     carry.add_argument("--grid", type=Path,
                        help="also write the images (top) and their reconstructions (bottom)")
     args = parser.parse_args(argv)
+    try:
+        return run(args, argv)
+    except UserError as error:  # bad input is one line naming it, for every command
+        print(f"{args.command}: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "reconstruct":
-        from amxtune_trainer.errors import UserError
         from amxtune_trainer.images import make_grid
         from amxtune_trainer.toyworld.evaluate import reconstruction
 
-        try:
-            result = reconstruction(args.folder, args.concept_dir)
-        except UserError as error:
-            print(f"reconstruct: {error}", file=sys.stderr)
-            return error.exit_code
+        result = reconstruction(args.folder, args.concept_dir)
         if args.grid:
             make_grid(result["grid"], columns=result["concept_images"],
                       min_size=256).save(args.grid)
