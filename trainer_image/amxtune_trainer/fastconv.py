@@ -175,19 +175,24 @@ def pack_frozen_convolutions(model, max_shapes: int | None = None) -> int:
     keeps packed copies for `max_shapes` input shapes (by default MAX_SHAPES in bf16,
     MAX_SHAPES_FP32 in fp32).
 
-    AMXTUNE_PACKED_CONV=0 disables it (e.g. to compare with eager).
+    AMXTUNE_PACKED_CONV=0 disables it (e.g. to compare with eager). bf16 convolutions stay
+    eager on a CPU without oneDNN's bf16 convolution kernels (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT): packed, they would fail at their first call.
     """
     import torch
+
+    from amxtune_trainer.cpu import probe
 
     global _CLASS
     if _setting() == "0" or not _ops_available():
         return 0
     if _CLASS is None:
         _CLASS = _make_classes()
+    bf16_kernels = probe().can_pack_bf16_convolutions
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if eligible(child):
+            if eligible(child) and (child.weight.dtype == torch.float32 or bf16_kernels):
                 shapes = max_shapes
                 if shapes is None:
                     fp32 = child.weight.dtype == torch.float32
