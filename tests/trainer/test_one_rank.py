@@ -137,3 +137,31 @@ def test_outputs_load_into_a_diffusers_pipeline_and_render(trained, tiny_model):
         # The new token changes the conditioning (it is really used).
         ids = pipe.tokenizer(pipe.maybe_convert_prompt(f"a {TOKEN}", pipe.tokenizer)).input_ids
         assert pipe.tokenizer.convert_tokens_to_ids(f"{TOKEN}_1") in ids
+
+
+def test_the_placeholder_before_training_renders_as_its_initializer_words(tiny_model,
+                                                                          concept_dir, tmp_path):
+    """The concept similarity's "before" row must show what the initializer words draw: with
+    one vector per word, the untrained placeholder and the words are the same conditioning, so
+    the same seed gives the same pixels. (A prompt expanded to all vectors before the pipeline
+    expanded it again rendered stray tokens.)"""
+    import numpy as np
+
+    from amxtune_trainer import distributed, options, samples
+    from amxtune_trainer.cli import build_parser
+    from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
+
+    torch.set_num_threads(1)
+    args = build_parser("textual-inversion").parse_args([
+        "textual-inversion", "--model", "tiny", "--train-data-dir", str(concept_dir),
+        "--output-dir", str(tmp_path / "out"), "--placeholder-token", "<x>",
+        "--initializer-token", "red cat", "--num-vectors", "2", "--resolution", "64",
+        "--mixed-precision", "no", "--validation-inference-steps", "4", "--seed", "1",
+    ])
+    trainer = Trainer(options.config_from_args(args), distributed.DistInfo())
+    trainer.prepare()
+    placeholder = samples.render(trainer, "a photo of a <x>", 1, seed=3)[0]
+    words = samples.render(trainer, "a photo of a red cat", 1, seed=3)[0]
+    other = samples.render(trainer, "a photo of a blue dog", 1, seed=3)[0]
+    assert np.array_equal(np.asarray(placeholder), np.asarray(words))
+    assert not np.array_equal(np.asarray(other), np.asarray(words))  # the text does matter

@@ -101,9 +101,6 @@ class Trainer:
         similarity rows: "learned" and "before", optionally "initializer"."""
         raise NotImplementedError
 
-    def render_prompt(self, prompt: str) -> str:
-        return prompt
-
     def set_training(self, on: bool) -> None:
         """Modules that behave differently while training (LoRA's dropout): on only inside
         train_step, so the evaluation loss and the rendered images see none of it."""

@@ -19,7 +19,9 @@ def render(trainer, prompt: str, count: int, seed: int) -> list:
     )
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
-    prompt = trainer.render_prompt(prompt)
+    # The pipeline itself stands the placeholder for all its vectors ("<tok>" -> "<tok>
+    # <tok>_1 ..."), as it does for loaded embeddings; a prompt expanded beforehand would be
+    # expanded again into stray tokens.
     images = []
     with torch.no_grad(), trainer._autocast():
         for _ in range(count):

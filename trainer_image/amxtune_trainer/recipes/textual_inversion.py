@@ -130,12 +130,6 @@ class TextualInversion(Trainer):
             )
         return {"learned_embeds": str(embeds.resolve())}
 
-    def render_prompt(self, prompt: str) -> str:
-        # the placeholder token stands for all its vectors
-        if self.ti.num_vectors > 1:
-            return prompt.replace(self.ti.placeholder_token, self.token_text)
-        return prompt
-
     @contextlib.contextmanager
     def _vectors_set_to(self, values):
         learned = self.vectors.detach().clone()
