@@ -87,8 +87,9 @@ def test_frozen_rows_stay_bit_identical_and_new_rows_are_the_learned_vectors(tra
     assert not torch.allclose(learned[0], base[key][toy[0]])  # it was trained away from "toy"
 
 
-def test_only_the_new_vectors_are_trainable_and_frozen_rows_never_change(tiny_model,
-                                                                         concept_dir, tmp_path):
+def prepared_trainer(concept_dir, tmp_path, *options_args: str):
+    """An in-process textual inversion of placeholder <x> from "red cat" on the tiny model,
+    prepared to train; one thread."""
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser
     from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
@@ -97,12 +98,18 @@ def test_only_the_new_vectors_are_trainable_and_frozen_rows_never_change(tiny_mo
     args = build_parser("textual-inversion").parse_args([
         "textual-inversion", "--model", "tiny", "--train-data-dir", str(concept_dir),
         "--output-dir", str(tmp_path / "out"), "--placeholder-token", "<x>",
-        "--initializer-token", "red cat", "--num-vectors", "3", "--resolution", "64",
-        "--learning-rate", "0.5", "--lr-warmup-steps", "0", "--seed", "1",
-        "--mixed-precision", "bf16",
+        "--initializer-token", "red cat", "--resolution", "64", "--seed", "1", *options_args,
     ])
     trainer = Trainer(options.config_from_args(args), distributed.DistInfo())
     trainer.prepare()
+    return trainer
+
+
+def test_only_the_new_vectors_are_trainable_and_frozen_rows_never_change(tiny_model,
+                                                                         concept_dir, tmp_path):
+    trainer = prepared_trainer(concept_dir, tmp_path, "--num-vectors", "3",
+                               "--learning-rate", "0.5", "--lr-warmup-steps", "0",
+                               "--mixed-precision", "bf16")
     frozen = trainer.embedding.base.weight.detach().clone()
     trainable = [n for n, p in trainer.text_encoder.named_parameters() if p.requires_grad]
     trainable += [n for n, p in trainer.unet.named_parameters() if p.requires_grad]
@@ -147,19 +154,10 @@ def test_the_placeholder_before_training_renders_as_its_initializer_words(tiny_m
     expanded it again rendered stray tokens.)"""
     import numpy as np
 
-    from amxtune_trainer import distributed, options, samples
-    from amxtune_trainer.cli import build_parser
-    from amxtune_trainer.recipes.textual_inversion import TextualInversion as Trainer
+    from amxtune_trainer import samples
 
-    torch.set_num_threads(1)
-    args = build_parser("textual-inversion").parse_args([
-        "textual-inversion", "--model", "tiny", "--train-data-dir", str(concept_dir),
-        "--output-dir", str(tmp_path / "out"), "--placeholder-token", "<x>",
-        "--initializer-token", "red cat", "--num-vectors", "2", "--resolution", "64",
-        "--mixed-precision", "no", "--validation-inference-steps", "4", "--seed", "1",
-    ])
-    trainer = Trainer(options.config_from_args(args), distributed.DistInfo())
-    trainer.prepare()
+    trainer = prepared_trainer(concept_dir, tmp_path, "--num-vectors", "2",
+                               "--mixed-precision", "no", "--validation-inference-steps", "4")
     placeholder = samples.render(trainer, "a photo of a <x>", 1, seed=3)[0]
     words = samples.render(trainer, "a photo of a red cat", 1, seed=3)[0]
     other = samples.render(trainer, "a photo of a blue dog", 1, seed=3)[0]
