@@ -9,9 +9,11 @@ import time
 from typing import Any
 
 import pytest
+from kubernetes import client, config
 
 from tests.support.controlplane import (
     AMX_LABEL,
+    KWOK_NODE_ANNOTATION,
     SIMULATE_AFTER_ANNOTATION,
     SIMULATE_ANNOTATION,
     SIMULATE_EXIT_CODE_ANNOTATION,
@@ -20,6 +22,7 @@ from tests.support.controlplane import (
     plain_nodes,
     read_versions,
 )
+from tests.support.finish_deletions import finish_deletion
 
 pytestmark = pytest.mark.cluster
 
@@ -469,3 +472,27 @@ def test_job_pods_follow_the_same_annotation(control_plane: ControlPlane, namesp
         namespace=namespace,
         timeout=90,
     )
+
+
+def test_a_deleted_pod_goes_and_a_late_deletion_spares_its_successor(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """A kubelet confirms a deletion with the pod's UID: a deletion seen late (the previous
+    pod of that name) must not remove the pod that now holds the name."""
+    cp = control_plane
+    cp.create_yaml(pod_manifest("again"), namespace=namespace)
+    cp.wait_for_jsonpath("pod/again", "{.status.phase}", "Running", namespace=namespace)
+    api = client.CoreV1Api(config.new_client_from_config(str(cp.kubeconfig)))
+    previous = api.read_namespaced_pod("again", namespace)
+    cp.kubectl("delete", "pod", "again", "-n", namespace, "--wait=false")
+    cp.wait_for(lambda: cp.get("pod", "again", namespace) is None, timeout=30,
+                what="the deleted pod to go")
+
+    cp.create_yaml(pod_manifest("again"), namespace=namespace)
+    cp.wait_for_jsonpath("pod/again", "{.status.phase}", "Running", namespace=namespace)
+    previous.metadata.deletion_timestamp = previous.metadata.creation_timestamp
+    assert not finish_deletion(api, previous, KWOK_NODE_ANNOTATION)
+    successor = cp.get("pod", "again", namespace)
+    assert successor is not None
+    assert successor["metadata"]["uid"] != previous.metadata.uid
+    assert "deletionTimestamp" not in successor["metadata"]

@@ -56,6 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS_DIR = REPO_ROOT / "tools" / "controlplane"
 BUILD_SCRIPT = TOOLS_DIR / "build.sh"
 KWOK_STAGES = TOOLS_DIR / "kwok-stages.yaml"
+FINISH_DELETIONS = Path(__file__).with_name("finish_deletions.py")
 LOOPBACK = "127.0.0.1"
 
 # Node Feature Discovery labels of a CPU with Intel AMX.
@@ -831,6 +832,12 @@ class ControlPlane:
                 "--node-lease-duration-seconds=40",
                 f"--server-address={LOOPBACK}:{self._kwok_port}",
             ],
+        )
+        # kwok's own delete step can hit a newer pod of the same name: see the script
+        self._spawn(
+            "finish-deletions",
+            [sys.executable, str(FINISH_DELETIONS), str(work / "kwok.kubeconfig"),
+             f"{key}={value}"],
         )
 
     def _wait_controllers_ready(self) -> None:
