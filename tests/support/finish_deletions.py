@@ -20,7 +20,7 @@ import time
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-WATCH_SECONDS = 60  # then list again: a missed event is caught within this long
+WATCH_SECONDS = 60  # then watch anew from the current state: nothing missed stays
 
 
 def on_simulated_node(api: client.CoreV1Api, pod: client.V1Pod, annotation: tuple[str, str]
@@ -61,15 +61,9 @@ def finish_deletion(api: client.CoreV1Api, pod: client.V1Pod, annotation: tuple[
 def run(api: client.CoreV1Api, annotation: tuple[str, str]) -> None:
     while True:
         try:
-            listing = api.list_pod_for_all_namespaces()
-            for pod in listing.items:
-                finish_deletion(api, pod, annotation)
-            events = watch.Watch().stream(
-                api.list_pod_for_all_namespaces,
-                resource_version=listing.metadata.resource_version,
-                timeout_seconds=WATCH_SECONDS,
-            )
-            for event in events:
+            # without a resourceVersion a watch starts with every existing pod (ADDED)
+            for event in watch.Watch().stream(api.list_pod_for_all_namespaces,
+                                              timeout_seconds=WATCH_SECONDS):
                 if event["type"] in ("ADDED", "MODIFIED"):
                     finish_deletion(api, event["object"], annotation)
         except Exception as error:  # e.g. the apiserver restarting: try again
