@@ -11,7 +11,7 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, PlainValidator, StringConstraints, WithJsonSchema, model_validator
 
 from amxtune_api.base import ApiModel, cel
 from amxtune_api.export import ExportSpec
@@ -106,6 +106,31 @@ class DataSource(ApiModel):
 # the frozen weights per node"; Stable Diffusion 1.5 at 512 px).
 MEMORY_PER_POD_GI = 8
 MEMORY_PER_RANK_GI = 4
+# ranksPerNode: auto without a memory limit stops here: the most ranks per pod whose memory was
+# measured (docs/performance.md, "Rank layout").
+AUTO_RANKS_WITHOUT_MEMORY = 4
+AUTO = "auto"
+MAX_RANKS_PER_NODE = 64
+
+
+def _ranks_per_node(value: object) -> int | str:
+    # one message for both forms (a union would report each branch's failure)
+    if value == AUTO or (
+        type(value) is int and 1 <= value <= MAX_RANKS_PER_NODE
+    ):
+        return value  # type: ignore[return-value]
+    raise ValueError(f"expected an integer from 1 to {MAX_RANKS_PER_NODE} or '{AUTO}', "
+                     f"got {value!r}")
+
+
+RanksPerNode = Annotated[
+    int | str,
+    PlainValidator(_ranks_per_node),
+    WithJsonSchema({"anyOf": [
+        {"type": "integer", "minimum": 1, "maximum": MAX_RANKS_PER_NODE},
+        {"type": "string", "pattern": f"^{AUTO}$"},
+    ]}),
+]
 
 
 class WorkerResources(Resources):
@@ -122,8 +147,13 @@ class WorkerResources(Resources):
 
 class Workers(ApiModel):
     nodes: int = Field(default=1, ge=1, le=256, description="Worker pods, one per AMX node.")
-    ranks_per_node: int = Field(
-        default=1, ge=1, le=64, description="Training processes (ranks) per worker pod."
+    ranks_per_node: RanksPerNode = Field(
+        default=1,
+        description="Training processes (ranks) per worker pod, or 'auto': one per core left "
+        "after the ranks' oneCCL workers, as many as the pod's memory holds at "
+        f"{MEMORY_PER_RANK_GI}Gi per rank beyond the first {MEMORY_PER_POD_GI}Gi, at most "
+        f"{AUTO_RANKS_WITHOUT_MEMORY} when resources.memory is not set. The choice and the "
+        "global batch it makes are in status.layout.",
     )
     resources: WorkerResources = Field(default_factory=WorkerResources)
     require_amx: bool = Field(
@@ -143,11 +173,12 @@ class Workers(ApiModel):
         default=None, ge=1, description="Fail when workers stay unschedulable this long."
     )
 
-    def pod_resources(self) -> Resources:
-        """cpu and memory of each worker pod, the memory default filled in."""
+    def pod_resources(self, ranks_per_node: int) -> Resources:
+        """cpu and memory of each worker pod of `ranks_per_node` ranks (resolved, 'auto' being
+        decided by the operator), the memory default filled in."""
         memory = self.resources.memory
         if memory is None:
-            memory = f"{MEMORY_PER_POD_GI + MEMORY_PER_RANK_GI * self.ranks_per_node}Gi"
+            memory = f"{MEMORY_PER_POD_GI + MEMORY_PER_RANK_GI * ranks_per_node}Gi"
         return Resources(cpu=self.resources.cpu, memory=memory)
 
     @model_validator(mode="after")
@@ -328,6 +359,20 @@ class Condition(ApiModel):
     observed_generation: int | None = None
 
 
+class LayoutStatus(ApiModel):
+    """How the ranks are laid out, as rendered (ranksPerNode: auto resolved)."""
+
+    ranks_per_node: int
+    threads_per_rank: int = Field(description="OMP_NUM_THREADS of each rank.")
+    ccl_workers_per_rank: int
+    world_size: int = Field(description="Ranks in all: nodes x ranksPerNode.")
+    global_batch_size: int = Field(
+        description="Images per optimizer step: worldSize x trainBatchSize x "
+        "gradientAccumulationSteps."
+    )
+    reason: str = Field(description="Why this many ranks per pod.")
+
+
 class WorkersStatus(ApiModel):
     ready: int = 0
     total: int = 0
@@ -380,6 +425,7 @@ class FineTuneJobStatus(ApiModel):
     message: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     workers: WorkersStatus | None = None
+    layout: LayoutStatus | None = None
     progress: Progress | None = None
     trainer: TrainerReport | None = None
     restarts: int = Field(default=0, description="Restarts counted against backoffLimit.")

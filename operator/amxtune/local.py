@@ -4,7 +4,8 @@ The manifest is validated by the same models as in the operator, and the trainer
 same config and rank environment the worker pods get, with local paths: a volume claim
 `{claimName: X, path: P}` is the folder `X/P` beside the manifest (or `--volume X=DIR`), and
 results go to `./amxtune-output/NAME/`. Ranks run as local processes (`amxtune-train launch`,
-as in the pods), capped by the cores this process may use; a failing rank's traceback goes to
+as in the pods), capped by the cores this process may use (`ranksPerNode: auto` decides for
+this machine's cores and memory, as the operator does for a pod); a failing rank's traceback goes to
 `NAME/logs/`. `workers.requireAmx` is a scheduling rule: here the job runs on this machine's
 CPU, whatever it has (the trainer says which precision it chose). Ctrl-C stops every rank;
 running the same command again resumes from the last checkpoint.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from amxtune import manifest
 from amxtune.render import JobIdentity, rank_environment, trainer_config
-from amxtune.render.finetunejob import LOGS_DIR, TRAINER_COMMAND
+from amxtune.render.finetunejob import LOGS_DIR, TRAINER_COMMAND, auto_ranks_per_node
 from amxtune.settings import Settings
 from amxtune_api.events import (
     ExportCompleted,
@@ -32,7 +33,7 @@ from amxtune_api.events import (
     TrainingProgress,
     TrainingStarted,
 )
-from amxtune_api.finetunejob import LORA_FILE, FineTuneJobSpec, Method, ModelSource
+from amxtune_api.finetunejob import AUTO, LORA_FILE, FineTuneJobSpec, Method, ModelSource
 from amxtune_api.inferencejob import InferenceTask
 from amxtune_api.kube import PvcPath
 
@@ -53,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("amxtune-output"),
                         help="results go to OUTPUT/NAME (default ./amxtune-output)")
     parser.add_argument("--ranks", type=int, help="training processes (default: the manifest's "
-                        "nodes x ranksPerNode, capped by the local cores)")
+                        "nodes x ranksPerNode, capped by the local cores; ranksPerNode: auto "
+                        "decides for this machine's cores and memory)")
     parser.add_argument("--max-train-steps", type=int, help="override spec.training.maxTrainSteps")
     parser.add_argument("--no-export", action="store_true", help="skip the OpenVINO export")
 
@@ -81,7 +83,12 @@ class LocalPlan:
         self.model = self._model()
         self.output_dir = (args.output / self.job.name).resolve()
         cores = len(os.sched_getaffinity(0))
-        wanted = spec.workers.nodes * spec.workers.ranks_per_node
+        if spec.workers.ranks_per_node == AUTO:  # this machine is the one node
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            wanted, self.layout_reason = auto_ranks_per_node(cores, 0, memory)
+        else:
+            wanted = spec.workers.nodes * int(spec.workers.ranks_per_node)
+            self.layout_reason = None
         self.ranks = args.ranks or max(1, min(wanted, cores))
         if self.ranks < 1:
             raise LocalRunError("--ranks must be at least 1")
@@ -285,8 +292,9 @@ def _stop(process: subprocess.Popen) -> None:
 
 def run_local(args: argparse.Namespace) -> int:
     plan = LocalPlan(args)
-    print(f"amxtune run: {plan.job.name}: {plan.ranks} rank(s) x {plan.threads} thread(s), "
-          f"model {plan.model}, images {plan.data_dir}", file=sys.stderr)
+    layout = f" (ranksPerNode {plan.layout_reason})" if plan.layout_reason else ""
+    print(f"amxtune run: {plan.job.name}: {plan.ranks} rank(s) x {plan.threads} thread(s)"
+          f"{layout}, model {plan.model}, images {plan.data_dir}", file=sys.stderr)
     print(f"amxtune run: results in {plan.output_dir}", file=sys.stderr)
     env = plan.environment()
     with tempfile.TemporaryDirectory(prefix="amxtune-run-") as tmp:

@@ -110,11 +110,15 @@ def test_worker_failure_restarts_then_fails_after_backoff_limit(crds, operator, 
 def test_a_node_whose_cpu_lacks_amx_is_avoided_without_spending_restarts(crds, operator,
                                                                          namespace):
     """A worker exits 3 (its CPU has no AMX, yet the node is labelled AMX): the real scheduler
-    places the next attempt elsewhere, and no restart is counted."""
+    places the next attempt elsewhere, and no restart is counted. (ranksPerNode: auto, which
+    the apiserver accepts and 8Gi holds one of: status.layout says so.)"""
     cp = crds
     submit(cp, namespace, job(backoffLimit=0, workers={
-        "nodes": 2, "ranksPerNode": 1, "resources": {"cpu": "8", "memory": "8Gi"}}))
+        "nodes": 2, "ranksPerNode": "auto", "resources": {"cpu": "8", "memory": "8Gi"}}))
     pods = running_workers(cp, namespace, 2)
+    layout = status(cp, namespace)["layout"]
+    assert (layout["ranksPerNode"], layout["worldSize"]) == (1, 2)
+    assert "memory" in layout["reason"]
     bad = next(p for p in pods if p["metadata"]["name"] == "dicoo-worker-1")["spec"]["nodeName"]
     simulate(cp, namespace, "dicoo-worker-1", "fail", code=3)
     cp.wait_for(lambda: status(cp, namespace).get("attempt") == 1, what="a new attempt")

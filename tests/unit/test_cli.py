@@ -94,3 +94,25 @@ def test_amxtune_run_keeps_the_users_preload_and_drops_the_images_paths(tmp_path
                 "GLOO_SOCKET_IFNAME"} & set(LocalPlan(args).environment())
     config = plan.trainer_config()
     assert config["requireAmx"] is False and config["outputDir"] == str(tmp_path / "robot-toy")
+
+
+@pytest.mark.parametrize(("memory_gib", "ranks"), [(64, 3), (16, 2)])
+def test_amxtune_run_decides_auto_ranks_for_this_machine(tmp_path, monkeypatch, memory_gib,
+                                                         ranks):
+    import argparse
+
+    from amxtune import local
+
+    doc = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    doc["spec"]["workers"]["ranksPerNode"] = "auto"
+    manifest = tmp_path / "auto.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    (tmp_path / "concepts").symlink_to(ROOT / "examples" / "concepts")
+    monkeypatch.setattr(local.os, "sched_getaffinity", lambda _pid: {0, 1, 2})
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": memory_gib * 2**30 // 4096}
+    monkeypatch.setattr(local.os, "sysconf", pages.__getitem__)
+    args = argparse.Namespace(file=str(manifest), model=None, data=None, volume=[],
+                              output=tmp_path, ranks=None, max_train_steps=None, no_export=True)
+    plan = local.LocalPlan(args)
+    assert (plan.ranks, plan.threads) == (ranks, 3 // ranks)
+    assert plan.layout_reason.startswith("auto: ")

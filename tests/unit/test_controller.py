@@ -202,6 +202,24 @@ def test_start_creates_shared_objects_and_one_pod_per_node(world):
     assert kube.reasons() == ["OutputVolumeCreated", "WorkersCreated"]
 
 
+def test_auto_ranks_are_decided_at_start_and_shown_in_status(world):
+    kube, _clock, ftj, _ = world
+    doc = example()
+    doc["spec"]["workers"] = {"nodes": 2, "ranksPerNode": "auto", "resources": {"cpu": "4"}}
+    doc["spec"]["runtime"] = {"ccl": {"workerCount": 1}}
+    doc["spec"]["training"].update(trainBatchSize=2, gradientAccumulationSteps=1)
+    kube.put(doc)
+    ftj.reconcile("ns", "dicoo")
+    assert kube.status()["layout"] == {
+        "ranksPerNode": 2, "threadsPerRank": 1, "cclWorkersPerRank": 1, "worldSize": 4,
+        "globalBatchSize": 8, "reason": "auto: one rank per 2 cores (compute and oneCCL) of 4",
+    }
+    for pod in kube.pods():
+        assert "--nproc-per-node=2" in pod["spec"]["containers"][0]["command"]
+    created = [e[3] for e in kube.events if e[2] == "WorkersCreated"]
+    assert created and created[0].endswith("2 x 2 ranks")
+
+
 def test_reconciling_again_creates_nothing_twice(world):
     kube, _clock, ftj, _ = world
     kube.put(example())

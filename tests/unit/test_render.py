@@ -90,6 +90,45 @@ def test_too_few_cpus_for_the_ranks_names_the_field():
     assert "at least 8 CPUs" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("resources", "ccl", "ranks", "threads", "reason"),
+    [
+        ({"cpu": "2"}, 0, 2, 1, "one rank per core of 2"),  # measured best on 2 cores
+        ({"cpu": "2"}, 1, 1, 1, "one rank per 2 cores (compute and oneCCL) of 2"),
+        ({"cpu": "8", "memory": "64Gi"}, 1, 4, 1, "one rank per 2 cores"),
+        ({"cpu": "56"}, 1, 4, 13, "the most without spec.workers.resources.memory"),
+        ({"cpu": "56", "memory": "128Gi"}, 1, 28, 1, "one rank per 2 cores"),
+        ({"cpu": "56", "memory": "20Gi"}, 1, 3, 17, "what the pod's memory holds"),
+        ({"cpu": "56", "memory": "8Gi"}, 1, 1, 55, "what the pod's memory holds"),  # always one
+    ],
+)
+def test_auto_ranks_one_per_free_core_as_far_as_memory_holds(resources, ccl, ranks, threads,
+                                                               reason):
+    job = spec(workers={"resources": resources, "ranksPerNode": "auto"}, ccl=ccl)
+    layout = rank_layout(job)
+    assert (layout.ranks_per_node, layout.omp_threads) == (ranks, threads)
+    assert reason in layout.reason
+    pod = render_finetunejob(JobIdentity("j", "ns", "u"), job, Settings()).pods[0]
+    container = pod["spec"]["containers"][0]
+    assert f"--nproc-per-node={ranks}" in container["command"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["AMXTUNE_RANKS_PER_NODE"], env["OMP_NUM_THREADS"]) == (str(ranks), str(threads))
+    memory = resources.get("memory", f"{8 + 4 * ranks}Gi")  # the default follows the ranks
+    assert container["resources"]["limits"]["memory"] == memory
+
+
+def test_layout_status_gives_the_global_batch():
+    job = spec(workers={"nodes": 3, "resources": {"cpu": "4"}, "ranksPerNode": "auto"}, ccl=1)
+    job = job.model_copy(update={"training": job.training.model_copy(
+        update={"train_batch_size": 2, "gradient_accumulation_steps": 4})})
+    assert rank_layout(job).status(job) == {
+        "ranksPerNode": 2, "threadsPerRank": 1, "cclWorkersPerRank": 1, "worldSize": 6,
+        "globalBatchSize": 48, "reason": "auto: one rank per 2 cores (compute and oneCCL) of 4",
+    }
+    fixed = spec(workers={"resources": {"cpu": "4"}, "ranksPerNode": 1})
+    assert rank_layout(fixed).status(fixed)["reason"] == "spec.workers.ranksPerNode"
+
+
 @pytest.mark.parametrize(("workers", "memory"), [
     ({"resources": {"cpu": "8"}}, "12Gi"),  # one copy of the weights + one rank's own
     ({"resources": {"cpu": "8"}, "ranksPerNode": 4}, "24Gi"),  # still one copy, 4 ranks' own

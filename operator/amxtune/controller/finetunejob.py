@@ -27,7 +27,13 @@ from amxtune.controller.state import (
 )
 from amxtune.hub import check_model
 from amxtune.manifest import describe_validation_error
-from amxtune.render import JobIdentity, RenderError, output_path, render_finetunejob
+from amxtune.render import (
+    JobIdentity,
+    RenderError,
+    output_path,
+    rank_layout,
+    render_finetunejob,
+)
 from amxtune.render.inferencejob import inference_job_for
 from amxtune_api.events import (
     EVENT_COMPLETED,
@@ -121,6 +127,7 @@ class FineTuneJobController(Reconciler):
         run.status.update(
             phase=Phase.Running,
             startTime=now_iso(run.now),
+            layout=rank_layout(spec).status(spec),
             restarts=run.status.get("restarts", 0),
             attempt=current_attempt(run.status),
             outputs={"claimName": objects.output_claim_name, "path": output_path(job, spec)},
@@ -214,7 +221,7 @@ class FineTuneJobController(Reconciler):
         if created:
             run.event("Normal", "WorkersCreated",
                       f"created {len(created)} worker pod(s) for attempt {attempt}: "
-                      f"{spec.workers.nodes} x {spec.workers.ranks_per_node} ranks")
+                      f"{spec.workers.nodes} x {rank_layout(spec).ranks_per_node} ranks")
         # (a pod of the same name still terminating, e.g. after a quick resume, is not one)
         if sum(not p.deleting for p in current.values()) + len(created) == len(objects.pods):
             status["podsCreatedForAttempt"] = attempt

@@ -17,7 +17,17 @@ from amxtune.render.common import (
     volume_for_pvc,
 )
 from amxtune.settings import Settings
-from amxtune_api.finetunejob import FineTuneJobSpec, MemoryAllocator, Method, OpenMP
+from amxtune_api.finetunejob import (
+    AUTO,
+    AUTO_RANKS_WITHOUT_MEMORY,
+    MEMORY_PER_POD_GI,
+    MEMORY_PER_RANK_GI,
+    FineTuneJobSpec,
+    LayoutStatus,
+    MemoryAllocator,
+    Method,
+    OpenMP,
+)
 from amxtune_api.training import TrainerConfig
 
 CONFIG_MOUNT = "/etc/amxtune"
@@ -43,6 +53,7 @@ class RankLayout:
     cores_per_worker: int
     ranks_per_node: int
     ccl_workers: int
+    reason: str = "spec.workers.ranksPerNode"
 
     @property
     def cores_per_rank(self) -> int:
@@ -52,11 +63,53 @@ class RankLayout:
     def omp_threads(self) -> int:
         return self.cores_per_rank - self.ccl_workers
 
+    def status(self, spec: FineTuneJobSpec) -> dict:
+        """status.layout: the layout, and the global batch it makes."""
+        world_size = spec.workers.nodes * self.ranks_per_node
+        training = spec.training
+        return LayoutStatus(
+            ranks_per_node=self.ranks_per_node,
+            threads_per_rank=self.omp_threads,
+            ccl_workers_per_rank=self.ccl_workers,
+            world_size=world_size,
+            global_batch_size=world_size * training.train_batch_size
+            * training.gradient_accumulation_steps,
+            reason=self.reason,
+        ).to_wire()
+
+
+def auto_ranks_per_node(cores: int, ccl_workers: int, memory_bytes: int | None) -> tuple[int, str]:
+    """ranksPerNode: auto, and why. One rank per core left after each rank's oneCCL workers:
+    on every CPU measured, ranks of fewer threads gave more samples/s per node
+    (docs/performance.md, "Rank layout"). No more than the memory holds at the default's
+    per-rank cost, or AUTO_RANKS_WITHOUT_MEMORY when no memory is given."""
+    by_cores = max(1, cores // (ccl_workers + 1))
+    if memory_bytes is None:
+        by_memory = AUTO_RANKS_WITHOUT_MEMORY
+        memory_limit = "the most without spec.workers.resources.memory"
+    else:
+        gib = 2**30
+        by_memory = max(1, (memory_bytes - MEMORY_PER_POD_GI * gib) // (MEMORY_PER_RANK_GI * gib))
+        memory_limit = (f"what the pod's memory holds at {MEMORY_PER_POD_GI}Gi + "
+                        f"{MEMORY_PER_RANK_GI}Gi per rank")
+    if by_cores <= by_memory:
+        per = "core" if not ccl_workers else f"{ccl_workers + 1} cores (compute and oneCCL)"
+        return by_cores, f"auto: one rank per {per} of {cores}"
+    return by_memory, f"auto: {by_memory}, {memory_limit}"
+
 
 def rank_layout(spec: FineTuneJobSpec) -> RankLayout:
     cpu = parse_quantity(spec.workers.resources.cpu)
     cores = int(cpu.to_integral_value(rounding=ROUND_FLOOR))
-    layout = RankLayout(cores, spec.workers.ranks_per_node, spec.runtime.ccl.worker_count)
+    ccl_workers = spec.runtime.ccl.worker_count
+    if spec.workers.ranks_per_node == AUTO:
+        memory = spec.workers.resources.memory
+        ranks, reason = auto_ranks_per_node(
+            cores, ccl_workers, None if memory is None else int(parse_quantity(memory))
+        )
+        layout = RankLayout(cores, ranks, ccl_workers, reason)
+    else:
+        layout = RankLayout(cores, int(spec.workers.ranks_per_node), ccl_workers)
     if layout.omp_threads < 1:
         raise RenderError(
             "spec.workers.resources.cpu",
@@ -102,9 +155,10 @@ def trainer_config(job: JobIdentity, spec: FineTuneJobSpec) -> TrainerConfig:
 
 def hostfile(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> str:
     """One line per worker, like the recipe's nodefile (for mpirun users)."""
+    slots = rank_layout(spec).ranks_per_node
     return "".join(
         f"{names.worker_dns(job.name, job.namespace, rank, settings.cluster_domain)} "
-        f"slots={spec.workers.ranks_per_node}\n"
+        f"slots={slots}\n"
         for rank in range(spec.workers.nodes)
     )
 
@@ -134,7 +188,7 @@ def rank_environment(
         "MASTER_PORT": str(spec.runtime.master_port),
         "AMXTUNE_NODE_RANK": str(node_rank),
         "AMXTUNE_NUM_NODES": str(spec.workers.nodes),
-        "AMXTUNE_RANKS_PER_NODE": str(spec.workers.ranks_per_node),
+        "AMXTUNE_RANKS_PER_NODE": str(layout.ranks_per_node),
         "HF_HOME": HF_HOME,
         "AMXTUNE_CACHE": BUILTIN_MODEL_CACHE,
         "MPLCONFIGDIR": "/tmp/matplotlib",  # loss.png; the home folder is read-only
@@ -168,7 +222,7 @@ def worker_command(job: JobIdentity, spec: FineTuneJobSpec, node_rank: int) -> l
         "amxtune-train",
         "launch",
         f"--nnodes={spec.workers.nodes}",
-        f"--nproc-per-node={spec.workers.ranks_per_node}",
+        f"--nproc-per-node={rank_layout(spec).ranks_per_node}",
         f"--node-rank={node_rank}",
         "--master-addr=$(MASTER_ADDR)",
         "--master-port=$(MASTER_PORT)",
@@ -315,7 +369,9 @@ def render_worker(
         "imagePullPolicy": spec.runtime.image_pull_policy,
         "command": worker_command(job, spec, node_rank),
         "env": rank_environment(job, spec, settings, node_rank),
-        "resources": resource_list(spec.workers.pod_resources()),
+        "resources": resource_list(
+            spec.workers.pod_resources(rank_layout(spec).ranks_per_node)
+        ),
         "volumeMounts": mounts,
     }
     if node_rank == 0:
