@@ -114,10 +114,9 @@ MAX_RANKS_PER_NODE = 64
 
 
 def _ranks_per_node(value: object) -> int | str:
-    # one message for both forms (a union would report each branch's failure)
-    if value == AUTO or (
-        type(value) is int and 1 <= value <= MAX_RANKS_PER_NODE
-    ):
+    # One message for both forms (a union would report each branch's failure). `type(...) is
+    # int`: a bool is an int too, and strict validation refuses "4", as the apiserver does.
+    if value == AUTO or (type(value) is int and 1 <= value <= MAX_RANKS_PER_NODE):
         return value  # type: ignore[return-value]
     raise ValueError(f"expected an integer from 1 to {MAX_RANKS_PER_NODE} or '{AUTO}', "
                      f"got {value!r}")

@@ -5,8 +5,8 @@ same config and rank environment the worker pods get, with local paths: a volume
 `{claimName: X, path: P}` is the folder `X/P` beside the manifest (or `--volume X=DIR`), and
 results go to `./amxtune-output/NAME/`. Ranks run as local processes (`amxtune-train launch`,
 as in the pods), capped by the cores this process may use (`ranksPerNode: auto` decides for
-this machine's cores and memory, as the operator does for a pod); a failing rank's traceback goes to
-`NAME/logs/`. `workers.requireAmx` is a scheduling rule: here the job runs on this machine's
+this machine's cores and memory, as the operator does for a pod); a failing rank's traceback
+goes to `NAME/logs/`. `workers.requireAmx` is a scheduling rule: here the job runs on this machine's
 CPU, whatever it has (the trainer says which precision it chose). Ctrl-C stops every rank;
 running the same command again resumes from the last checkpoint.
 """
