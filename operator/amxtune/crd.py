@@ -98,7 +98,7 @@ class Kind:
     short_names: list[str]
     spec: type[BaseModel]
     status: type[BaseModel]
-    columns: list[dict[str, str]]
+    columns: list[dict[str, str | int]]
     root_rules: list[dict[str, str]] = field(default_factory=list)
     description: str = ""
 
@@ -138,6 +138,11 @@ KINDS = [
             {"name": "Precision", "type": "string",
              "jsonPath": ".status.trainer.mixedPrecision"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            # -o wide: what ranksPerNode (auto or not) made of the job
+            {"name": "Ranks", "type": "integer", "jsonPath": ".status.layout.worldSize",
+             "priority": 1},
+            {"name": "Batch", "type": "integer", "jsonPath": ".status.layout.globalBatchSize",
+             "priority": 1},
         ],
         root_rules=[
             {

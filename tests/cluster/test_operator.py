@@ -82,6 +82,9 @@ def test_job_runs_on_amx_nodes_exports_and_becomes_ready(crds, operator, namespa
     assert {"WorkersCreated", "ExportStarted", "Succeeded"} <= set(reasons(cp, namespace))
     table = cp.kubectl("get", "ftj", "-n", namespace).stdout
     assert "Succeeded" in table and "3/3" not in table.splitlines()[0]
+    header, row = (line.split() for line in
+                   cp.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.splitlines())
+    assert header[-2:] == ["RANKS", "BATCH"] and row[-2:] == ["12", "12"]  # 3 pods x 4, batch 1
 
 
 def test_worker_failure_restarts_then_fails_after_backoff_limit(crds, operator, namespace):

@@ -71,7 +71,11 @@ def test_printer_columns_and_names():
         "Workers",
         "Precision",
         "Age",
+        "Ranks",
+        "Batch",
     ]
+    wide = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority")]
+    assert wide == ["Ranks", "Batch"]  # kubectl get -o wide only
     assert body["spec"]["names"]["shortNames"] == ["ftj"]
     assert body["spec"]["names"]["categories"] == ["amxtune"]
     assert version["subresources"] == {"status": {}}
