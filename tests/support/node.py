@@ -275,21 +275,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _base_runtime_spec(self) -> Path:
         """containerd's default OCI spec plus this node's environment for every container,
-        with each library in its LD_PRELOAD bind-mounted read-only under /opt/amxtune-node
-        (the CPU mask: this node's CPU looks older to everything its pods run)."""
+        with each library of its LD_PRELOAD bind-mounted read-only under /opt/amxtune-node
+        and listed in the container's /etc/ld.so.preload (the CPU mask: this node's CPU looks
+        older to everything its pods run). Not through the LD_PRELOAD variable: a container
+        that sets its own (the operator's tcmalloc) would replace it, and the mask with it."""
         shown = subprocess.run(["ctr", "oci", "spec"], capture_output=True, text=True)
         if shown.returncode != 0:
             raise NodeUnavailable(f"ctr oci spec failed: {shown.stderr.strip()}")
         spec = json.loads(shown.stdout)
         env = dict(self.env)
         preload = []
-        for library in filter(None, env.get("LD_PRELOAD", "").split(":")):
+        for library in filter(None, env.pop("LD_PRELOAD", "").split(":")):
             inside = f"/opt/amxtune-node/{Path(library).name}"
             spec["mounts"].append({"destination": inside, "type": "bind", "source": library,
                                    "options": ["rbind", "ro"]})
             preload.append(inside)
         if preload:
-            env["LD_PRELOAD"] = ":".join(preload)
+            listing = self.work / "ld.so.preload"
+            listing.write_text("\n".join(preload) + "\n")
+            spec["mounts"].append({"destination": "/etc/ld.so.preload", "type": "bind",
+                                   "source": str(listing), "options": ["rbind", "ro"]})
         spec["process"]["env"] = [f"{key}={value}" for key, value in env.items()]
         path = self.work / "base-runtime-spec.json"
         path.write_text(json.dumps(spec, indent=1))
