@@ -267,8 +267,8 @@ def test_a_worker_on_a_node_without_amx_moves_to_another_node(real_cluster, job_
 
     lacks = [e for e in events(cp, namespace) if e["reason"] == "NodeLacksAmx"]
     assert f"ran on node {bad}" in lacks[0]["message"]
-    # the masked node's pods see an AVX2-only CPU whatever this machine is (on one without AMX
-    # an unmasked pod would fail this way too, but not show AVX2 alone)
+    # the masked node's pods see an AVX2-only CPU whatever this machine is: an unmasked pod on
+    # a CPU above AVX2 without AMX would also lack AMX, but would not show AVX2 alone
     assert ": AVX2) has no amx_bf16, amx_tile" in lacks[0]["message"], describe(
         cp, namespace, "robot")
     assert final["restarts"] == 0

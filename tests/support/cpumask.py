@@ -4,7 +4,8 @@ The tests must pass on every x86-64 CPU with AVX2, and CI runs on whatever machi
 on a Xeon with AMX the paths for CPUs without AVX-512 would otherwise never run. Loaded with
 LD_PRELOAD, the mask hides the instruction sets above a level from CPUID, so PyTorch, oneDNN and
 OpenVINO pick the kernels they pick on such a CPU, and run them natively. It follows
-subprocesses (LD_PRELOAD is inherited), so torchrun-like launchers and pods are masked too.
+subprocesses (LD_PRELOAD is inherited), so torchrun-like launchers are masked too; the masked
+test node preloads it in every container through /etc/ld.so.preload (tests/support/node.py).
 
 CPUID can be masked only where the kernel offers CPUID faulting (`cpuid_fault`). Elsewhere (many
 VMs, such as an AMD EPYC with AVX-512 but no faulting) the library masks the kernel's view
