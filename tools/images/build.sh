@@ -111,9 +111,11 @@ if [[ -r "$host_ca" ]]; then
 fi
 
 # podman 4.3 (buildah 1.28) reuses a cached COPY layer after a copied file changed when it
-# reads the repository's .dockerignore; with an ignore file of its own it does not.
+# reads the repository's .dockerignore; with an ignore file of its own it does not. It leaves
+# out what a checkout may or may not have (`pip install -e` writes api/*.egg-info): with it,
+# two checkouts of one commit built different images, each imported again into the test nodes.
 ignore="$cache/build.ignore"
-printf '**/__pycache__/\n' >"$ignore"
+printf '**/__pycache__/\n**/*.egg-info/\n' >"$ignore"
 torch_index="${AMXTUNE_TORCH_INDEX_URL:-https://pypi.org/simple}"
 built=()
 for image in ${AMXTUNE_IMAGES:-operator trainer}; do
