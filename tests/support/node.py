@@ -14,8 +14,9 @@ addresses and to Services only; CoreDNS serves the cluster zone and forwards not
 Where these nodes differ from a production node (the machine has cgroup v1 and root lacks
 CAP_SYS_RESOURCE): no QoS cgroups, no node-allocatable enforcement, OOM scores clamped by
 containerd (`restrict_oom_score_adj`), swap allowed. Images come from podman
-(`podman save` -> `ctr images import`, once per image ID, into a containerd root kept in the
-cache), so pods use `imagePullPolicy: IfNotPresent` or `Never`; nothing is pulled.
+(`podman save | ctr images import`, once per image ID, into one containerd root kept in the
+cache, which each node's root is a hard-linked copy of), so pods use
+`imagePullPolicy: IfNotPresent` or `Never`; nothing is pulled.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import IO
 
 from amxtune_trainer.builtin.models import cache_root
 from tests.support.controlplane import (
@@ -43,7 +45,7 @@ from tests.support.controlplane import (
     free_port,
     wait_for,
 )
-from tests.support.images import podman
+from tests.support.images import podman, podman_env
 
 ROOT = Path(__file__).resolve().parents[2]
 PAUSE_SOURCE = ROOT / "tools" / "controlplane" / "pause.c"
@@ -195,29 +197,26 @@ class RealNode:
     """containerd + kubelet for node `index`, registered as `name` with the control plane."""
 
     def __init__(self, cp: ControlPlane, index: int, name: str, workdir: Path,
-                 processes: Processes, images: list[str],
-                 env: dict[str, str] | None = None) -> None:
+                 processes: Processes, env: dict[str, str] | None = None) -> None:
         self.cp, self.index, self.name = cp, index, name
         self.env = env or {}
         self.work = workdir / name
         self.processes = processes
-        self.images = images
         self.ip = node_ip(index)
         self.bridge = f"amxtune-cni{index}"
-        # Kept across runs: the images imported once per image ID.
+        # A copy of the image store for this run (in the cache, to be on the store's file
+        # system: the copy is hard links).
         self.containerd_root = cache_root() / "node" / f"containerd-{index}"
         self.socket = self.work / "containerd.sock"
 
     # ----------------------------------------------------------------- containerd
 
     def ctr(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.socket), "--namespace", "k8s.io",
-                               *args], capture_output=True, text=True, timeout=timeout)
+        return _ctr(self.socket, *args, timeout=timeout)
 
     def _start_containerd(self, sandbox_image: str) -> None:
         cni_dir = self.work / "cni"
         cni_dir.mkdir(parents=True)
-        self.containerd_root.mkdir(parents=True, exist_ok=True)
         conflist = {
             "cniVersion": "0.4.0",
             "name": f"amxtune-pods-{self.index}",
@@ -300,39 +299,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         path.write_text(json.dumps(spec, indent=1))
         return path
 
-    def _import_images(self) -> None:
-        """Each image once per image ID (podman's), kept in the cached containerd root; the
-        versions it replaces are removed (each is GBs, once as a blob and once unpacked)."""
-        stamps = self.containerd_root / "imported.json"
-        imported = json.loads(stamps.read_text()) if stamps.exists() else {}
-        listed = set(self.ctr("images", "ls", "-q").stdout.split())
-        current = {}
-        for image in self.images:
-            image_id = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
-            if not image_id:
-                raise NodeUnavailable(f"podman has no image {image} (make images)")
-            current[image] = image_id
-            if imported.get(image) == image_id and image in listed:
-                continue
-            archive = _archive(image, image_id, self.work.parent / "archives")
-            if image in listed:  # keep the old version's layers while the new one unpacks
-                self.ctr("images", "tag", "--force", image, f"{image}-replaced")
-            loaded = self.ctr("images", "import", str(archive))
-            if loaded.returncode != 0:
-                raise NodeUnavailable(f"ctr images import of {image} into {self.name} failed: "
-                                      f"{loaded.stderr.strip()}")
-            imported[image] = image_id
-            stamps.write_text(json.dumps(imported, indent=1))
-        # what CRI knows them by: their names and their IDs (the config digest, as podman's);
-        # the rest (replaced versions) only now, once nothing unpacks on top of them
-        keep = set(current) | {f"sha256:{image_id}" for image_id in current.values()}
-        for name in set(self.ctr("images", "ls", "-q").stdout.split()) - keep:
-            self.ctr("images", "rm", "--sync", name)
-        stamps.write_text(json.dumps(current, indent=1))
-
     def _remove_containers(self) -> None:
-        """Every container left running (by an earlier run or a stopped kubelet); the
-        containerd root is kept for its images only."""
+        """Every container a stopped kubelet left running."""
         for container in self.ctr("containers", "ls", "-q").stdout.split():
             self.ctr("tasks", "rm", "-f", container)
             self.ctr("containers", "rm", container)
@@ -401,11 +369,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "--v=1",
         ])
 
-    def start(self, sandbox_image: str) -> RealNode:
+    def start(self, sandbox_image: str, images: ImageStore) -> RealNode:
         self.work.mkdir(parents=True)
+        images.copy_to(self.containerd_root)
         self._start_containerd(sandbox_image)
-        self._remove_containers()
-        self._import_images()
         self._start_kubelet()
         return self
 
@@ -426,21 +393,121 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             self._remove_containers()
         self.processes.stop(f"containerd-{self.index}")
         _unmount_below(self.work)
+        _remove_tree(self.containerd_root)
         _ip("link", "del", self.bridge, check=False)
 
 
-def _archive(image: str, image_id: str, folder: Path) -> Path:
-    """`podman save` of `image` into `folder`, once for all the nodes that import it."""
-    folder.mkdir(exist_ok=True)
-    archive = folder / f"{image_id[:16]}.tar"
-    if not archive.exists():
-        partial = archive.with_suffix(".partial")
-        saved = podman("save", "--format", "docker-archive", "-o", str(partial), image,
-                       timeout=1800)
-        if saved.returncode != 0:
-            raise NodeUnavailable(f"podman save {image} failed: {saved.stderr.strip()}")
-        partial.rename(archive)
-    return archive
+def _ctr(socket: Path, *args: str, timeout: float = 1800,
+         stdin: int | IO[bytes] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ctr", "--address", str(socket), "--namespace", "k8s.io", *args],
+                          stdin=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+class ImageStore:
+    """The images every node has, in one containerd root kept in the cache; each node runs on
+    a hard-linked copy of it (`copy_to`). The trainer image is 6.6 GB, held twice by
+    containerd (its layers as blobs and unpacked): one copy per node would take 13 GB each.
+
+    `update` imports each image once per image ID (podman's), streamed from `podman save`
+    (no archive on disk), through a containerd of its own that stops before any copy is made.
+    """
+
+    def __init__(self, root: Path, work: Path, processes: Processes) -> None:
+        self.root, self.work, self.processes = root, work, processes
+        self.socket = work / "containerd.sock"
+
+    def update(self, images: list[str]) -> None:
+        stamps = self.root / "imported.json"
+        imported = json.loads(stamps.read_text()) if stamps.exists() else {}
+        current = {}
+        for image in images:
+            image_id = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+            if not image_id:
+                raise NodeUnavailable(f"podman has no image {image} (make images)")
+            current[image] = image_id
+        if current == imported:
+            return
+        self.work.mkdir(parents=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.work / "containerd.toml"
+        # only what an import needs: no CRI, no snapshotters but overlayfs (the nodes')
+        config.write_text(f"""version = 2
+root = "{self.root}"
+state = "{self.work / 'state'}"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{self.socket}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{self.work / 'opt'}"
+""")
+        _unmount_below(self.root)  # what a killed import left
+        self.processes.spawn("containerd-images", ["containerd", "--config", str(config)])
+        try:
+            wait_for(lambda: self.processes.check_alive()
+                     or _ctr(self.socket, "version").returncode == 0,
+                     timeout=60, what="containerd of the image store")
+            listed = set(_ctr(self.socket, "images", "ls", "-q").stdout.split())
+            for image, image_id in current.items():
+                if imported.get(image) == image_id and image in listed:
+                    continue
+                if image in listed:  # keep the old version's layers while the new one unpacks
+                    _ctr(self.socket, "images", "tag", "--force", image, f"{image}-replaced")
+                self._import(image)
+                imported[image] = image_id
+                stamps.write_text(json.dumps(imported, indent=1))
+            # what CRI knows them by: their names and their IDs (the config digest, as
+            # podman's); the rest (replaced versions) only now, once nothing unpacks on them
+            keep = set(current) | {f"sha256:{image_id}" for image_id in current.values()}
+            for name in set(_ctr(self.socket, "images", "ls", "-q").stdout.split()) - keep:
+                _ctr(self.socket, "images", "rm", "--sync", name)
+            stamps.write_text(json.dumps(current, indent=1))
+        finally:
+            self.processes.stop("containerd-images")
+            _unmount_below(self.root)
+
+    def _import(self, image: str) -> None:
+        with open(self.work / f"save-{image.replace('/', '_')}.log", "w+b") as errors:
+            saver = subprocess.Popen(["podman", "save", "--format", "docker-archive", image],
+                                     stdout=subprocess.PIPE, stderr=errors, env=podman_env())
+            assert saver.stdout is not None
+            try:
+                loaded = _ctr(self.socket, "images", "import", "-", stdin=saver.stdout)
+            finally:
+                saver.stdout.close()
+                saved = saver.wait(timeout=60)
+            errors.seek(0)
+            if saved != 0:
+                raise NodeUnavailable(f"podman save {image} failed: "
+                                      f"{errors.read().decode(errors='replace').strip()}")
+        if loaded.returncode != 0:
+            raise NodeUnavailable(f"ctr images import of {image} failed: "
+                                  f"{loaded.stderr.strip()}")
+
+    def copy_to(self, root: Path) -> None:
+        """`root`, replaced by hard links to the store's files (layers are never written in
+        place: a container writes to an upper layer of its own), except containerd's two
+        databases, which each node writes: those are copied."""
+        _remove_tree(root)
+        copied = subprocess.run(["cp", "-a", "--link", str(self.root), str(root)],
+                                capture_output=True, text=True)
+        if copied.returncode != 0:
+            raise NodeUnavailable(f"could not copy the image store {self.root} to {root}: "
+                                  f"{copied.stderr.strip()}")
+        for database in ("io.containerd.metadata.v1.bolt/meta.db",
+                         "io.containerd.snapshotter.v1.overlayfs/metadata.db"):
+            linked = root / database
+            if linked.exists():
+                linked.unlink()
+                shutil.copy2(self.root / database, linked)
+
+
+def _remove_tree(folder: Path) -> None:
+    """`folder` and whatever a killed run left mounted below it."""
+    if folder.exists():
+        _unmount_below(folder)
+        shutil.rmtree(folder)
 
 
 def _unmount_below(folder: Path) -> None:
@@ -510,15 +577,19 @@ class RealCluster:
         self.processes = Processes(logs)
         self._exit.callback(self.processes.stop)
         self._start_coredns()
-        for index in range(total):
-            masked = index == self.node_count
-            node = RealNode(self.cp, index, MASKED_NODE if masked else f"real-{index}",
-                            self.work, self.processes, [sandbox_image, *self.images],
-                            env=self.masked_cpu if masked else None)
+        nodes = [(index, MASKED_NODE if index == self.node_count else f"real-{index}")
+                 for index in range(total)]
+        for index, _ in nodes:  # a killed run's copies first: the disk may hold one more only
+            _remove_tree(cache_root() / "node" / f"containerd-{index}")
+        images = ImageStore(cache_root() / "node" / "images", self.work / "images",
+                            self.processes)
+        images.update([sandbox_image, *self.images])
+        for index, name in nodes:
+            node = RealNode(self.cp, index, name, self.work, self.processes,
+                            env=self.masked_cpu if name == MASKED_NODE else None)
             self.nodes.append(node)
             self._exit.callback(node.stop)
-            node.start(sandbox_image)
-        shutil.rmtree(self.work / "archives", ignore_errors=True)  # GBs, imported now
+            node.start(sandbox_image, images)
         # after the kubelets: kube-proxy gives up when its node does not appear in time
         self._start_kube_proxy()
         for node in self.nodes:
