@@ -54,7 +54,7 @@ def test_camel_and_snake_case_both_load():
         ({"width": 1001}, "width", "multiple of 8"),
         ({"height": 32}, "height", "greater than or equal to 64"),
         ({"batchSize": 0}, "batchSize", "greater than or equal to 1"),
-        ({"weightFormat": "int4"}, "weightFormat", "'fp32', 'fp16' or 'int8'"),
+        ({"weightFormat": "int4"}, "weightFormat", "'fp32', 'fp16', 'int8' or 'int8-full'"),
         ({"batchSize": 1, "dynamic": True}, "dynamic", "Extra inputs are not permitted"),
     ],
 )

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from amxtune_api.export import WeightFormat
+
 PROMPT = "a photo of a <job-{n}> on the beach"
 
 
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="sd15-arch", help="Base model (default: sd15-arch).")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--weight-format", default="fp32", choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--weight-format", default="fp32",
+                        choices=[f.value for f in WeightFormat])
     parser.add_argument("--no-compare", action="store_true",
                         help="Skip the fresh export that the second job's images are compared to.")
     parser.add_argument("--workdir", help="Keep everything here (default: a temporary folder).")

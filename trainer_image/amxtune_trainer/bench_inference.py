@@ -1,4 +1,4 @@
-"""Seconds per image: OpenVINO static (fp32 / int8 weights) vs PyTorch (fp32 / bf16 autocast).
+"""Seconds per image: OpenVINO static (fp32 / int8 / int8-full) vs PyTorch (fp32 / bf16 autocast).
 
     python -m amxtune_trainer.bench_inference [--model sd15-arch] [--sizes 512 256] [--steps 20]
 
@@ -28,6 +28,8 @@ CONFIGS = {
                     "fp32", "fp32"),
     "ov-int8": ("OpenVINO static, int8 weights (CPU plugin default precision)", "openvino",
                 "int8", "auto"),
+    "ov-int8-full": ("OpenVINO static, int8-full (int8 UNet activations, CPU plugin default "
+                     "precision)", "openvino", "int8-full", "auto"),
     "pt-fp32": ("PyTorch fp32", "pytorch", None, "fp32"),
     "pt-bf16": ("PyTorch bf16 autocast", "pytorch", None, "bf16"),
 }

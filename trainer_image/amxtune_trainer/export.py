@@ -7,7 +7,8 @@ model with LoRA adapters fused into its weights (export_sources.py prepares both
 
 The conversion is optimum-intel's (`OVStableDiffusionPipeline.from_pretrained(export=True)`);
 then the pipeline is reshaped to a static batch size, height, width and images per prompt,
-optionally has its weights compressed (fp16, or int8 with NNCF), and is saved as OpenVINO IR.
+optionally has its weights compressed (fp16, or int8 with NNCF; int8-full also quantizes the
+UNet's activations, calibrated on renders at the export's shape), and is saved as OpenVINO IR.
 
 What optimum-intel saves, and what that means for loading:
 - `save_pretrained` writes each model's IR with its *current* shapes, so the saved .xml files
@@ -268,6 +269,8 @@ def export_base(source: str, target: Path, options: OpenVINOExportOptions, *,
 
         openvino.save_model(pipe.text_encoder.model, plain_text_encoder / "openvino_model.xml",
                             compress_to_fp16=False)
+    if options.weight_format == WeightFormat.int8_full:
+        quantize_unet(pipe, options)
     set_weight_format(pipe, options.weight_format)
     pipe.save_pretrained(str(target))
 
@@ -312,9 +315,10 @@ def apply_weight_format(model, weight_format: str):
     Done after conversion, one model at a time, so that a cached base export's text encoder,
     given new tokens, goes through exactly what a fresh export's went through
     (export_cache.py). fp16 is optimum's `half()` transformation; int8 is NNCF's asymmetric
-    8-bit per-channel compression of every layer, embeddings included.
+    8-bit per-channel compression of every layer, embeddings included (int8-full too, for every
+    model but the UNet: see quantize_unet).
     """
-    if weight_format == WeightFormat.fp32:
+    if weight_format == WeightFormat.fp32 or _is_quantized(model):
         return model
     if weight_format == WeightFormat.fp16:
         from openvino._offline_transformations import compress_model_transformation  # half()
@@ -329,6 +333,73 @@ def apply_weight_format(model, weight_format: str):
     # and it draws a progress bar on stdout whatever its level: not in a pod log
     with contextlib.redirect_stdout(io.StringIO()):
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+
+# Rendered at the export's shape to calibrate an int8-full UNet: everyday subjects (the UNet's
+# activation ranges, not the learned token, are what calibration measures), in two calls of
+# `batch_size` prompts, one UNet input per denoising step, so that the ranges span the whole
+# noise schedule. 16 inputs: NNCF's statistics and bias correction take most of the time.
+CALIBRATION_PROMPTS = ("a photo of a dog on the beach", "a red car in a city street at night",
+                       "an oil painting of a house by a lake", "a portrait of a woman in a garden")
+CALIBRATION_CALLS = 2
+CALIBRATION_STEPS = 8
+
+
+def quantize_unet(pipe, options: OpenVINOExportOptions) -> None:
+    """Replace the static pipeline's UNet by one computing in int8, weights and activations
+    (NNCF post-training quantization with optimum-intel's settings for a diffusion model: mixed
+    preset, transformer model type, fast bias correction), calibrated on the UNet inputs of
+    `CALIBRATION_CALLS` renders of `CALIBRATION_STEPS` steps at the export's shape."""
+    import logging
+
+    import nncf
+    import numpy as np
+
+    nncf.set_log_level(logging.ERROR)
+    samples: list[dict] = []
+    pipe.compile()
+    pipe.set_progress_bar_config(disable=True)  # not in a pod log
+    pipe.unet.request = _RecordingRequest(pipe.unet.request, samples)
+    try:
+        for call in range(CALIBRATION_CALLS):
+            first = call * options.batch_size
+            prompts = [CALIBRATION_PROMPTS[(first + i) % len(CALIBRATION_PROMPTS)]
+                       for i in range(options.batch_size)]
+            pipe(prompt=prompts, num_images_per_prompt=options.num_images_per_prompt,
+                 height=options.height, width=options.width, guidance_scale=7.5,
+                 num_inference_steps=CALIBRATION_STEPS, output_type="latent",
+                 generator=np.random.RandomState(call))
+    finally:
+        pipe.unet.request = pipe.unet.request.request
+    pipe.clear_requests()  # the compiled models' memory, before NNCF compiles its own
+    with contextlib.redirect_stdout(io.StringIO()):  # progress bars: not in a pod log
+        pipe.unet.model = nncf.quantize(
+            pipe.unet.model, nncf.Dataset(samples), subset_size=len(samples),
+            preset=nncf.QuantizationPreset.MIXED, model_type=nncf.ModelType.TRANSFORMER,
+            fast_bias_correction=True)
+
+
+class _RecordingRequest:
+    """An infer request that keeps a copy of every input it is called with (the pipeline
+    shares its tensors' memory with the request, and reuses it)."""
+
+    def __init__(self, request, samples: list[dict]) -> None:
+        self.request, self.samples = request, samples
+
+    def __call__(self, inputs: dict, *args, **kwargs):
+        import numpy as np
+
+        self.samples.append({name: np.asarray(value).copy() for name, value in inputs.items()})
+        return self.request(inputs, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.request, name)
+
+
+def _is_quantized(model) -> bool:
+    """Whether NNCF quantized the model's activations (quantize_unet): its weights are saved
+    in int8 with their quantizers, and weight compression is for float weights only."""
+    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
 def set_weight_format(pipe, weight_format: str) -> None:
