@@ -577,18 +577,18 @@ class RealCluster:
         self.processes = Processes(logs)
         self._exit.callback(self.processes.stop)
         self._start_coredns()
-        nodes = [(index, MASKED_NODE if index == self.node_count else f"real-{index}")
-                 for index in range(total)]
-        for index, _ in nodes:  # a killed run's copies first: the disk may hold one more only
-            _remove_tree(cache_root() / "node" / f"containerd-{index}")
+        for index in range(total):
+            masked = index == self.node_count
+            node = RealNode(self.cp, index, MASKED_NODE if masked else f"real-{index}",
+                            self.work, self.processes, env=self.masked_cpu if masked else None)
+            self.nodes.append(node)
+            self._exit.callback(node.stop)
+            # a killed run's copy first: the disk may have room for one more version only
+            _remove_tree(node.containerd_root)
         images = ImageStore(cache_root() / "node" / "images", self.work / "images",
                             self.processes)
         images.update([sandbox_image, *self.images])
-        for index, name in nodes:
-            node = RealNode(self.cp, index, name, self.work, self.processes,
-                            env=self.masked_cpu if name == MASKED_NODE else None)
-            self.nodes.append(node)
-            self._exit.callback(node.stop)
+        for node in self.nodes:
             node.start(sandbox_image, images)
         # after the kubelets: kube-proxy gives up when its node does not appear in time
         self._start_kube_proxy()

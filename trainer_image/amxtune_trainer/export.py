@@ -269,9 +269,7 @@ def export_base(source: str, target: Path, options: OpenVINOExportOptions, *,
 
         openvino.save_model(pipe.text_encoder.model, plain_text_encoder / "openvino_model.xml",
                             compress_to_fp16=False)
-    if options.weight_format == WeightFormat.int8_full:
-        quantize_unet(pipe, options)
-    set_weight_format(pipe, options.weight_format)
+    set_weight_format(pipe, options)
     pipe.save_pretrained(str(target))
 
 
@@ -318,7 +316,7 @@ def apply_weight_format(model, weight_format: str):
     8-bit per-channel compression of every layer, embeddings included (int8-full too, for every
     model but the UNet: see quantize_unet).
     """
-    if weight_format == WeightFormat.fp32 or _is_quantized(model):
+    if weight_format == WeightFormat.fp32:
         return model
     if weight_format == WeightFormat.fp16:
         from openvino._offline_transformations import compress_model_transformation  # half()
@@ -354,12 +352,13 @@ def quantize_unet(pipe, options: OpenVINOExportOptions) -> None:
 
     import nncf
     import numpy as np
+    from optimum.intel.openvino.quantization import InferRequestWrapper
 
     nncf.set_log_level(logging.ERROR)
     samples: list[dict] = []
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)  # not in a pod log
-    pipe.unet.request = _RecordingRequest(pipe.unet.request, samples)
+    pipe.unet.request = InferRequestWrapper(pipe.unet.request, samples)  # copies each input
     try:
         for call in range(CALIBRATION_CALLS):
             first = call * options.batch_size
@@ -379,33 +378,17 @@ def quantize_unet(pipe, options: OpenVINOExportOptions) -> None:
             fast_bias_correction=True)
 
 
-class _RecordingRequest:
-    """An infer request that keeps a copy of every input it is called with (the pipeline
-    shares its tensors' memory with the request, and reuses it)."""
-
-    def __init__(self, request, samples: list[dict]) -> None:
-        self.request, self.samples = request, samples
-
-    def __call__(self, inputs: dict, *args, **kwargs):
-        import numpy as np
-
-        self.samples.append({name: np.asarray(value).copy() for name, value in inputs.items()})
-        return self.request(inputs, *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self.request, name)
-
-
-def _is_quantized(model) -> bool:
-    """Whether NNCF quantized the model's activations (quantize_unet): its weights are saved
-    in int8 with their quantizers, and weight compression is for float weights only."""
-    return any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
-
-
-def set_weight_format(pipe, weight_format: str) -> None:
-    """Store every model of the pipeline's weights as `weight_format` (see apply_weight_format);
-    the text encoder is folded first in every format (see text_encoder_in_format)."""
+def set_weight_format(pipe, options: OpenVINOExportOptions) -> None:
+    """Store every model of the static pipeline's weights in `options.weight_format` (see
+    apply_weight_format); the text encoder is folded first in every format (see
+    text_encoder_in_format). For int8-full the UNet is quantized first, while the others are
+    still as converted (its calibration renders with them), then left as quantized."""
+    weight_format = options.weight_format
+    if weight_format == WeightFormat.int8_full:
+        quantize_unet(pipe, options)
     for name, component in pipe.components.items():
+        if name == "unet" and weight_format == WeightFormat.int8_full:
+            continue
         if name == "text_encoder":
             component.model = text_encoder_in_format(component.model, weight_format)
         elif getattr(component, "model", None) is not None:
