@@ -23,16 +23,21 @@ def robot(seed: int, size: int = 256) -> Image.Image:
     w, h = int(70 * scale), int(80 * scale)
     yellow, dark = (245, 200, 40), (60, 60, 70)
     draw.rectangle([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=yellow)  # body
-    head = int(50 * scale)
+    # a big head and eyes: at the 64 px the demo trains on, eyes 6 px across are the smallest
+    # that toyworld's VAE carries (docs/learning.md, "Bigger eyes")
+    head = int(64 * scale)
+    eye = int(12 * scale)
     draw.rectangle([cx - head // 2, cy - h // 2 - head, cx + head // 2, cy - h // 2], fill=yellow)
     for ex in (-1, 1):  # eyes, arms, legs
-        draw.ellipse([cx + ex * head // 4 - 6, cy - h // 2 - head // 2 - 6,
-                      cx + ex * head // 4 + 6, cy - h // 2 - head // 2 + 6], fill=dark)
+        draw.ellipse([cx + ex * head // 4 - eye, cy - h // 2 - head // 2 - eye,
+                      cx + ex * head // 4 + eye, cy - h // 2 - head // 2 + eye], fill=dark)
         arm = sorted([cx + ex * (w // 2), cx + ex * (w // 2 + 18)])
         draw.rectangle([arm[0], cy - h // 4, arm[1], cy + h // 6], fill=yellow)
         draw.rectangle([cx + ex * w // 4 - 8, cy + h // 2, cx + ex * w // 4 + 8, cy + h // 2 + 25],
                        fill=dark)
-    draw.line([cx, cy - h // 2 - head, cx, cy - h // 2 - head - 20], fill=dark, width=3)
+    tip = cy - h // 2 - head - 20  # the antenna, thick enough to be a pixel wide at 64 px
+    draw.line([cx, cy - h // 2 - head, cx, tip], fill=dark, width=6)
+    draw.ellipse([cx - 6, tip - 6, cx + 6, tip + 6], fill=dark)
     return image
 
 

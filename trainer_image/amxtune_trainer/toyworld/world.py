@@ -3,9 +3,9 @@ drawn with PIL and captioned in plain words ("a big red ball on the left on the 
 
 Everything is deterministic from a seed (`scene(seed)`, `render(scene)`), so the pretraining
 data set is a seed and a count, not files. The yellow robot of examples/concepts is not in
-this world: no kind is a head with eyes on a body with arms, legs and an antenna, which is what
-textual inversion must learn. Some of its parts are (the snowman's eyes, the stool's legs), as a
-real model knows parts of things it has never seen whole.
+this world: its nearest kind, the doll, has a round head and no antenna, as a real model knows
+figures and toys but not the user's one. The robot's square head, antenna and block arms are
+what textual inversion must learn.
 Bump DATA_VERSION when drawings or captions change (the model's manifest records it).
 """
 
@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 
-DATA_VERSION = 2
+DATA_VERSION = 7
 IMAGE_SIZE = 64
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -35,7 +35,7 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "snow": ((170, 180, 195), (240, 244, 248)),
     "table": ((225, 215, 190), (140, 95, 60)),
 }
-KINDS = ("ball", "box", "cone", "star", "bottle", "snowman", "stool")
+KINDS = ("ball", "box", "cone", "star", "bottle", "snowman", "stool", "doll")
 SIZES = {"small": 0.75, "": 1.0, "big": 1.2}  # "" is the unnamed middle size
 PLACES = {"on the left": -1, "": 0, "on the right": 1}
 # The textual-inversion prompt templates' framing, so that its words mean nothing here either.
@@ -44,7 +44,7 @@ FRAMES = (
     "a close-up photo of {}", "a bright photo of {}", "a dark photo of {}", "a good photo of {}",
     "a photo of my {}", "a rendition of {}", "a picture of {}",
 )
-DETAIL = COLORS["black"]  # the snowman's eyes, the stool's legs
+DETAIL = COLORS["black"]  # eyes and legs
 GENERIC_KIND = "toy"  # stands for any kind in some captions
 
 
@@ -146,6 +146,20 @@ def render(item: Scene, size: int = IMAGE_SIZE):
         draw.rectangle([cx - r, cy - r * 0.35, cx + r, cy + r * 0.15], fill=color)
         for left in (cx - r * 0.8, cx + r * 0.45):
             draw.rectangle([left, cy + r * 0.15, left + r * 0.35, cy + r], fill=DETAIL)
+    elif item.kind == "doll":  # a round head with two dark eyes, a body with arms, two legs
+        leg_top = cy + r * 0.45
+        for left in (cx - r * 0.4, cx + r * 0.12):
+            draw.rectangle([left, leg_top, left + r * 0.28, cy + r], fill=DETAIL)
+        draw.rectangle([cx - r * 0.5, cy - r * 0.45, cx + r * 0.5, leg_top], fill=color)
+        draw.rectangle([cx - r * 0.9, cy - r * 0.4, cx + r * 0.9, cy - r * 0.1], fill=color)
+        head = r * 0.55
+        top = cy - r * 0.45 - head * 0.9
+        draw.ellipse([cx - head, top - head, cx + head, top + head], fill=color)
+        # eyes about 4 px across at 64 px: smaller ones do not survive the VAE (docs/learning.md)
+        eye = head * 0.3
+        for dx in (-0.45, 0.45):
+            ex, ey = cx + dx * head, top - head * 0.05
+            draw.ellipse([ex - eye, ey - eye, ex + eye, ey + eye], fill=DETAIL)
     else:  # pragma: no cover - KINDS is closed
         raise ValueError(item.kind)
     return image.resize((size, size), Image.Resampling.LANCZOS)
