@@ -95,6 +95,12 @@ def _shade(color: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return tuple(max(0, min(255, int(v * factor))) for v in color)  # type: ignore[return-value]
 
 
+def _eyes(draw, cx: float, y: float, apart: float, radius: float) -> None:
+    """Two dark eyes at height y, `apart` left and right of cx."""
+    for ex in (cx - apart, cx + apart):
+        draw.ellipse([ex - radius, y - radius, ex + radius, y + radius], fill=DETAIL)
+
+
 def render(item: Scene, size: int = IMAGE_SIZE):
     """The scene as a PIL image (drawn at 4x and downsampled, so edges are smooth)."""
     from PIL import Image, ImageDraw
@@ -138,10 +144,7 @@ def render(item: Scene, size: int = IMAGE_SIZE):
         draw.ellipse([cx - low, base - low, cx + low, base + low], fill=color)
         top = base - low - high * 0.8
         draw.ellipse([cx - high, top - high, cx + high, top + high], fill=color)
-        eye = max(1.5, high * 0.18)
-        for dx in (-0.4, 0.4):
-            ex, ey = cx + dx * high, top - high * 0.15
-            draw.ellipse([ex - eye, ey - eye, ex + eye, ey + eye], fill=DETAIL)
+        _eyes(draw, cx, top - high * 0.15, high * 0.4, max(1.5, high * 0.18))
     elif item.kind == "stool":  # a seat on two dark legs
         draw.rectangle([cx - r, cy - r * 0.35, cx + r, cy + r * 0.15], fill=color)
         for left in (cx - r * 0.8, cx + r * 0.45):
@@ -156,10 +159,7 @@ def render(item: Scene, size: int = IMAGE_SIZE):
         top = cy - r * 0.45 - head * 0.9
         draw.ellipse([cx - head, top - head, cx + head, top + head], fill=color)
         # eyes about 4 px across at 64 px: smaller ones do not survive the VAE (docs/learning.md)
-        eye = head * 0.3
-        for dx in (-0.45, 0.45):
-            ex, ey = cx + dx * head, top - head * 0.05
-            draw.ellipse([ex - eye, ey - eye, ex + eye, ey + eye], fill=DETAIL)
+        _eyes(draw, cx, top - head * 0.05, head * 0.45, head * 0.3)
     else:  # pragma: no cover - KINDS is closed
         raise ValueError(item.kind)
     return image.resize((size, size), Image.Resampling.LANCZOS)
