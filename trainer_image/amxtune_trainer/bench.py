@@ -10,7 +10,9 @@ The load average is printed too: other processes on the node skew the figures.
 --method lora times LoRA steps (rank 4 on the attention projections) instead of textual
 inversion. --against-reference SCRIPT also runs the diffusers script for the method (a copy
 the user points at, see bench_reference.py) on the same configuration, in alternating order
-over --passes passes, and prints both and their ratio.
+over --passes passes, and prints both and their ratio. With --ranks, each count runs both with
+that many processes on the node (the reference under torchrun, data-parallel through accelerate),
+and the samples/s per node of each one's best layout are compared too.
 
 --memory samples every rank's PSS (proportional set size: pages mapped by several ranks
 count 1/P in each) four times a second and prints each rank's peak and the pod's (the
@@ -275,44 +277,62 @@ def against_reference(args, workdir: Path, extra: list[str]) -> list[dict]:
     # the reference knows no "auto": it gets what our trainer chooses on this CPU ("no": fp32)
     auto = cpu.choose_precision("auto", [cpu.probe()])[0]
     rows = []
-    for model, resolution, precision in itertools.product(args.model, args.resolution,
-                                                          args.precision):
+    for model, resolution, precision, ranks in itertools.product(
+            args.model, args.resolution, args.precision, args.ranks):
         data = make_images(workdir / f"data-{resolution}", 4, max(resolution, 64))
         command = reference_command(Path(args.against_reference), args.method,
                                     ensure_builtin_model(model), data, workdir / "reference",
                                     resolution, auto if precision == "auto" else precision,
-                                    args.steps, LORA_RANK)
+                                    args.steps, LORA_RANK, processes=ranks)
         passes = []
         for number in range(args.passes):
             order = ["reference", "amxtune"] if number % 2 == 0 else ["amxtune", "reference"]
             result = {}
             for who in order:
                 if who == "reference":
-                    result[who] = run_reference(command, args.warmup)
+                    result[who] = run_reference(command, args.warmup, processes=ranks)
                 else:
-                    result[who] = run_config(model, resolution, precision, 1, args.steps,
+                    result[who] = run_config(model, resolution, precision, ranks, args.steps,
                                              args.warmup, workdir, extra, args.method)
                 print(json.dumps({"pass": number, "who": who, "model": model,
                                   "resolution": resolution, "precision": precision,
-                                  **result[who]}), file=sys.stderr, flush=True)
+                                  "ranks": ranks, **result[who]}), file=sys.stderr, flush=True)
             passes.append(result)
         rows.append({"model": model, "resolution": resolution, "precision": precision,
-                     "passes": passes})
-    print("| method | model | px | precision | reference s/step | amxtune s/step | speed-up "
+                     "ranks": ranks, "passes": passes})
+    # ranks: processes of both on this node, batch 1 each; samples/s is per node
+    print("| method | model | px | precision | ranks × threads | reference s/step "
+          "| amxtune s/step | speed-up | reference samples/s | amxtune samples/s "
           "| reference peak RSS MB | amxtune peak RSS MB | passes |")
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 13)
+    cores = len(os.sched_getaffinity(0))
     for row in rows:
         ref = [p["reference"]["seconds_per_step"] for p in row["passes"]]
         ours = [p["amxtune"]["seconds_per_step"] for p in row["passes"]]
         ratio = statistics.median(r / o for r, o in zip(ref, ours, strict=True))
         row["speedup"] = ratio
+        row["reference_samples_per_second"] = row["ranks"] / statistics.median(ref)
+        row["amxtune_samples_per_second"] = row["ranks"] / statistics.median(ours)
         print(f"| {args.method} | {row['model']} | {row['resolution']} | {row['precision']} | "
+              f"{row['ranks']} × {max(1, cores // row['ranks'])} | "
               f"{statistics.median(ref):.3f} ({min(ref):.2f}–{max(ref):.2f}) | "
               f"{statistics.median(ours):.3f} ({min(ours):.2f}–{max(ours):.2f}) | "
-              f"**{ratio:.2f}×** | "
+              f"**{ratio:.2f}×** | {row['reference_samples_per_second']:.3f} | "
+              f"{row['amxtune_samples_per_second']:.3f} | "
               f"{max(p['reference']['peak_rss_mb'] for p in row['passes']):,.0f} | "
               f"{max(p['amxtune']['peak_rss_mb'] for p in row['passes']):,.0f} | "
               f"{len(row['passes'])} |")
+    if len(args.ranks) > 1:  # each at the layout that suits it best on this node
+        for key, group in itertools.groupby(
+                rows, key=lambda r: (r["model"], r["resolution"], r["precision"])):
+            group = list(group)
+            ref_best = max(group, key=lambda r: r["reference_samples_per_second"])
+            ours_best = max(group, key=lambda r: r["amxtune_samples_per_second"])
+            theirs, ours = (ref_best["reference_samples_per_second"],
+                            ours_best["amxtune_samples_per_second"])
+            print(f"best layouts, {key[0]} {key[1]} px {key[2]}: reference {theirs:.3f} "
+                  f"samples/s with {ref_best['ranks']} rank(s), amxtune {ours:.3f} with "
+                  f"{ours_best['ranks']}: **{ours / theirs:.2f}×**")
     return rows
 
 

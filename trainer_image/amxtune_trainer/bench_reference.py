@@ -25,9 +25,15 @@ STEP = re.compile(rb"^Steps:.*?(\d+)/(\d+) \[")  # the training bar, not the loa
 
 
 def reference_command(script: Path, method: str, model_path: Path, data: Path, out: Path,
-                      resolution: int, precision: str, steps: int, rank: int) -> list[str]:
+                      resolution: int, precision: str, steps: int, rank: int,
+                      processes: int = 1) -> list[str]:
+    """The script's command line; with several processes it runs under torchrun, as a user
+    spreads it over a node's cores (accelerate then trains data-parallel with gloo)."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        "--nproc-per-node", str(processes)]
     common = [
-        sys.executable, str(script), "--pretrained_model_name_or_path", str(model_path),
+        *launcher, str(script), "--pretrained_model_name_or_path", str(model_path),
         "--output_dir", str(out), "--resolution", str(resolution),
         "--mixed_precision", "no" if precision == "fp32" else precision,
         "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
@@ -43,10 +49,17 @@ def reference_command(script: Path, method: str, model_path: Path, data: Path, o
             "--validation_steps", str(10 ** 6)]
 
 
-def run_reference(command: list[str], warmup: int) -> dict:
-    """Run the script; seconds per step (median after `warmup`) and its peak RSS."""
+def run_reference(command: list[str], warmup: int, processes: int = 1) -> dict:
+    """Run the script; seconds per step (median after `warmup`) and the largest process's
+    peak RSS. With several processes each gets an equal share of the cores as its threads."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env.pop("LD_PRELOAD", None)  # as a user runs it: glibc malloc
+    # as a user runs it: glibc malloc; other preloads (a CPU mask) stay
+    kept = [lib for lib in env.pop("LD_PRELOAD", "").split(":")
+            if lib and "tcmalloc" not in lib and "jemalloc" not in lib]
+    if kept:
+        env["LD_PRELOAD"] = ":".join(kept)
+    if processes > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // processes))
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
