@@ -58,7 +58,8 @@ class OpenVINOExportOptions(ApiModel):
         "inputs while the export renders a few generic prompts at its shape): the fastest to "
         "render on CPUs with AMX (1.25-1.3x 'fp32' for SD-1.5 at 512 px), but the export takes "
         "minutes longer and about twice the memory (7 min and 15.4 GB instead of 1.3 min and "
-        "8.3 GB on 2 cores), and images differ slightly from 'fp32' (docs/performance.md).",
+        "8.3 GB on 2 cores; with the export cache, once per base model and shape), and images "
+        "differ slightly from 'fp32' (docs/performance.md).",
     )
 
     @field_validator("height", "width")
