@@ -24,7 +24,7 @@ def robot(seed: int, size: int = 256) -> Image.Image:
     yellow, dark = (245, 200, 40), (60, 60, 70)
     draw.rectangle([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=yellow)  # body
     # a big head and eyes: at the 64 px the demo trains on, eyes 6 px across are the smallest
-    # that toyworld's VAE carries (docs/learning.md, "Bigger eyes")
+    # that toyworld's VAE carries (docs/learning-experiments.md, "Bigger eyes")
     head = int(64 * scale)
     eye = int(12 * scale)
     draw.rectangle([cx - head // 2, cy - h // 2 - head, cx + head // 2, cy - h // 2], fill=yellow)

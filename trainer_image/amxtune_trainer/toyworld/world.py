@@ -158,7 +158,8 @@ def render(item: Scene, size: int = IMAGE_SIZE):
         head = r * 0.55
         top = cy - r * 0.45 - head * 0.9
         draw.ellipse([cx - head, top - head, cx + head, top + head], fill=color)
-        # eyes about 4 px across at 64 px: smaller ones do not survive the VAE (docs/learning.md)
+        # eyes about 4 px across at 64 px: smaller ones do not survive the VAE
+        # (docs/learning-experiments.md)
         _eyes(draw, cx, top - head * 0.05, head * 0.45, head * 0.3)
     else:  # pragma: no cover - KINDS is closed
         raise ValueError(item.kind)
