@@ -162,7 +162,8 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
         else "private" if not any(metrics["frozen_weights_mapped_mb_per_rank"]) else "partly",
         "steps_timed": len(times), "seconds_per_step": median,
         "min_seconds_per_step": min(times),
-        "samples_per_second": ranks / median,  # batch 1 per rank
+        "samples_per_second": metrics["samples_per_step"] / median,
+        "threads_per_rank": metrics["threads_per_rank"],
         "peak_rss_mb": max(metrics["peak_rss_mb_per_rank"]),
         "allreduce_bytes_per_step": metrics["allreduce_bytes_per_step"],
         "load_before": load_before, "load_after": os.getloadavg()[0],
@@ -300,21 +301,21 @@ def against_reference(args, workdir: Path, extra: list[str]) -> list[dict]:
             passes.append(result)
         rows.append({"model": model, "resolution": resolution, "precision": precision,
                      "ranks": ranks, "passes": passes})
-    # ranks: processes of both on this node, batch 1 each; samples/s is per node
+    # ranks: processes of both on this node; samples/s is per node
     print("| method | model | px | precision | ranks × threads | reference s/step "
           "| amxtune s/step | speed-up | reference samples/s | amxtune samples/s "
           "| reference peak RSS MB | amxtune peak RSS MB | passes |")
     print("|" + "---|" * 13)
-    cores = len(os.sched_getaffinity(0))
     for row in rows:
         ref = [p["reference"]["seconds_per_step"] for p in row["passes"]]
         ours = [p["amxtune"]["seconds_per_step"] for p in row["passes"]]
         ratio = statistics.median(r / o for r, o in zip(ref, ours, strict=True))
         row["speedup"] = ratio
-        row["reference_samples_per_second"] = row["ranks"] / statistics.median(ref)
-        row["amxtune_samples_per_second"] = row["ranks"] / statistics.median(ours)
+        row["reference_samples_per_second"] = row["ranks"] / statistics.median(ref)  # batch 1
+        row["amxtune_samples_per_second"] = statistics.median(
+            p["amxtune"]["samples_per_second"] for p in row["passes"])
         print(f"| {args.method} | {row['model']} | {row['resolution']} | {row['precision']} | "
-              f"{row['ranks']} × {max(1, cores // row['ranks'])} | "
+              f"{row['ranks']} × {row['passes'][0]['amxtune']['threads_per_rank']} | "
               f"{statistics.median(ref):.3f} ({min(ref):.2f}–{max(ref):.2f}) | "
               f"{statistics.median(ours):.3f} ({min(ours):.2f}–{max(ours):.2f}) | "
               f"**{ratio:.2f}×** | {row['reference_samples_per_second']:.3f} | "
@@ -385,14 +386,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for model in ["tiny"] if args.no_timing else args.model:
         ensure_builtin_model(model)
-    from amxtune_trainer.cpu import probe
+    from amxtune_trainer.cpu import machine_line, probe
 
     cpu = probe()
     results, flops = [], {}
-    print(f"# CPU: {cpu.summary()}; features: {' '.join(sorted(cpu.features)) or 'none'}; "
-          f"PyTorch kernels: {cpu.torch_capability}", flush=True)
-    print(f"# load average before: {os.getloadavg()[0]:.2f}; cores: "
-          f"{len(os.sched_getaffinity(0))}", flush=True)
+    print(f"# {machine_line(cpu)} (before)", flush=True)
     if args.against_reference:
         if not Path(args.against_reference).is_file():
             parser.error(f"--against-reference {args.against_reference}: no such file")

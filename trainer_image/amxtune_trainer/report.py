@@ -76,6 +76,7 @@ def finish(trainer, started: float) -> None:
         "final_loss": final_loss,
         "eval_loss": trainer.eval_points,
         "seconds_per_step_median": median,
+        "samples_per_step": trainer.samples_per_step,
         "samples_per_second": (trainer.samples_per_step / median) if median else None,
         "wall_seconds": wall,
         "world_size": info.world_size,
