@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="Keep everything here (default: a temporary folder).")
     args = parser.parse_args(argv)
 
-    from amxtune_trainer.cpu import probe
+    from amxtune_trainer.cpu import machine_line
     from amxtune_trainer.export_sources import resolve_model
 
     base = resolve_model(args.model)
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n} | {job['export_cache']} | {job['export_seconds']:.1f} | "
               f"{job['seconds']:.1f} | {job['seconds'] / jobs[0]['seconds']:.1%} |")
     print(f"\nmodel {args.model}, {args.size} px, {args.weight_format} weights, 1 prompt × "
-          f"{args.steps} steps; {probe().summary()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}")
+          f"{args.steps} steps\n{machine_line()}")
     if difference is not None:
         print(f"job 2 vs a fresh export of the same embedding: max pixel difference "
               f"{difference:.6f} (0..1 scale)")

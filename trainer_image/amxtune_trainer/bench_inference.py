@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results.append(result)
                 print(json.dumps(result), file=sys.stderr, flush=True)
+    from amxtune_trainer.cpu import machine_line
+
     print(markdown_table(results, args))
+    print(machine_line())
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -161,11 +164,6 @@ def markdown_table(results: list[dict], args) -> str:
     lines.append("")
     lines.append(f"model {args.model}, {args.steps} steps, batch 1, guidance 7.5, "
                  f"median of {args.repeats} run(s) after a 2-step warm-up")
-    from amxtune_trainer.cpu import probe
-
-    # which kernels the libraries could pick: a masked CPU (tests/support/cpumask.py) shows here
-    lines.append(f"CPU: {probe().summary()}; {len(os.sched_getaffinity(0))} cores; load average "
-                 f"{os.getloadavg()[0]:.2f} at the end")
     return "\n".join(lines)
 
 

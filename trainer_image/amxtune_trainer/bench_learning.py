@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     data = (args.data or robot_images()).resolve()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="amxtune-learning-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    from amxtune_trainer.cpu import probe
+    from amxtune_trainer.cpu import machine_line
 
-    print(f"# CPU: {probe().summary()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"# {machine_line()}", flush=True)
     rows = {"before training": {**evaluate(args.model, data, None, args), "seconds": 0.0}}
     variants = {"amxtune (auto precision)": ("auto", [])}
     if args.same_learning:

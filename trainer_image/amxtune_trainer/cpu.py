@@ -183,6 +183,15 @@ def probe() -> CpuInfo:
     return combine(vendor, model, flags, cpuid, capability, bf16_conv)
 
 
+def machine_line(info: CpuInfo | None = None) -> str:
+    """What a benchmark's figures came from, printed beside them: the CPU as the libraries see
+    it (a masked CPU shows as such), the cores this process may use and the load right now."""
+    info = info or probe()
+    return (f"CPU: {info.summary()}; features: {' '.join(sorted(info.features)) or 'none'}; "
+            f"PyTorch kernels: {info.torch_capability}; cores: {len(os.sched_getaffinity(0))}; "
+            f"load average {os.getloadavg()[0]:.2f}")
+
+
 def amx_missing(info: CpuInfo) -> str | None:
     """Why a job that requires AMX cannot run on this CPU, or None when it can."""
     if info.amx:
