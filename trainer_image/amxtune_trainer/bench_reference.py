@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from amxtune_trainer.runtime import is_allocator
+
 STEP = re.compile(rb"^Steps:.*?(\d+)/(\d+) \[")  # the training bar, not the loading bars
 
 
@@ -49,17 +51,24 @@ def reference_command(script: Path, method: str, model_path: Path, data: Path, o
             "--validation_steps", str(10 ** 6)]
 
 
-def run_reference(command: list[str], warmup: int, processes: int = 1) -> dict:
-    """Run the script; seconds per step (median after `warmup`) and the largest process's
-    peak RSS. With several processes each gets an equal share of the cores as its threads."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    # as a user runs it: glibc malloc; other preloads (a CPU mask) stay
+def reference_environment(environ: dict[str, str], processes: int = 1) -> dict[str, str]:
+    """The script's environment: as a user runs it, with glibc malloc (our allocator preload
+    dropped; others, such as a CPU mask, stay), offline; with several processes each gets an
+    equal share of the cores as its threads."""
+    env = dict(environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     kept = [lib for lib in env.pop("LD_PRELOAD", "").split(":")
-            if lib and "tcmalloc" not in lib and "jemalloc" not in lib]
+            if lib and not is_allocator(lib)]
     if kept:
         env["LD_PRELOAD"] = ":".join(kept)
     if processes > 1:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // processes))
+    return env
+
+
+def run_reference(command: list[str], warmup: int, processes: int = 1) -> dict:
+    """Run the script; seconds per step (median after `warmup`) and the largest process's
+    peak RSS."""
+    env = reference_environment(dict(os.environ), processes)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -38,6 +38,11 @@ LIB_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/l
             os.path.join(sys.prefix, "lib")]
 
 
+def is_allocator(library: str) -> bool:
+    """Whether a preloaded library path is one of the allocators above."""
+    return any(name in os.path.basename(library) for name in ALLOCATOR_LIBS)
+
+
 def find_allocator(name: str = "auto") -> str | None:
     """Path of tcmalloc (preferred) or jemalloc, if installed."""
     names = list(ALLOCATOR_LIBS) if name == "auto" else [name]
@@ -63,7 +68,7 @@ def preload_allocator() -> None:
     preloaded = os.environ.get("LD_PRELOAD", "")
     if choice in ("system", "none", "") or os.environ.get("AMXTUNE_ALLOCATOR_EXEC"):
         return
-    if "tcmalloc" in preloaded or "jemalloc" in preloaded or "torch" in sys.modules:
+    if any(map(is_allocator, preloaded.split(":"))) or "torch" in sys.modules:
         return
     argv = list(getattr(sys, "orig_argv", []))
     launched = len(argv) > 1 and (
