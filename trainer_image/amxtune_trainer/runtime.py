@@ -55,7 +55,7 @@ def find_allocator(name: str = "auto") -> str | None:
     return None
 
 
-def preload_allocator() -> None:
+def preload_allocator(launched: bool | None = None) -> None:
     """Re-exec this process with tcmalloc/jemalloc preloaded, when installed and not yet.
 
     glibc malloc returns large blocks to the kernel, so every oneDNN weight reorder of the big
@@ -63,6 +63,7 @@ def preload_allocator() -> None:
     forward+backward took 0.78 s with glibc and 0.15 s with tcmalloc. Pods get LD_PRELOAD from
     the operator; this makes a plain `python -m amxtune_trainer` (and each torchrun rank, whose
     PID stays the same across exec) equally fast. AMXTUNE_ALLOCATOR=system disables it.
+    `launched` says whether this command runs the trainer (default: read from the command line).
     """
     choice = os.environ.get("AMXTUNE_ALLOCATOR", "auto")
     preloaded = os.environ.get("LD_PRELOAD", "")
@@ -70,18 +71,24 @@ def preload_allocator() -> None:
         return
     if any(map(is_allocator, preloaded.split(":"))) or "torch" in sys.modules:
         return
-    argv = list(getattr(sys, "orig_argv", []))
-    launched = len(argv) > 1 and (
-        "amxtune_trainer" in argv[1:3] or os.path.basename(argv[1]) == "amxtune-train"
-    )
+    if launched is None:
+        argv = list(getattr(sys, "orig_argv", []))
+        launched = len(argv) > 1 and (
+            "amxtune_trainer" in argv[1:3] or os.path.basename(argv[1]) == "amxtune-train"
+        )
     library = find_allocator(choice)
-    if not launched or library is None:
-        return
+    if launched and library is not None:
+        reexec_with_preload(library)
+
+
+def reexec_with_preload(library: str) -> None:
+    """Run this same command line again (same PID) with `library` first in LD_PRELOAD."""
+    preloaded = os.environ.get("LD_PRELOAD", "")
     env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preloaded) if p),
                AMXTUNE_ALLOCATOR_EXEC="1")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def run_recipe(args: argparse.Namespace, recipe: type) -> int:

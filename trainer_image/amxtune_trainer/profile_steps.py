@@ -1,0 +1,147 @@
+"""Where a training step's time goes, for our trainer or any PyTorch training script.
+
+    python -m amxtune_trainer.profile_steps [--warmup N] [--steps N] [--rows N] [--json FILE] \\
+        -- (SCRIPT | -m MODULE) ARGS...
+
+Runs the script in this process under torch.profiler: the first `--warmup` optimizer steps
+are not recorded (the last of them is the profiler's own warm-up), the next `--steps` are.
+Steps are counted by a global optimizer step hook, so the diffusers scripts (through
+accelerate) and `python -m amxtune_trainer textual-inversion ...` are profiled alike,
+unchanged. Prints the time per step split into attention forward / backward, convolutions,
+matrix multiplies, other ops and time outside any op, then the ops with the most self time.
+One process only: profile one rank (`ranksPerNode: 1`, or the reference without torchrun).
+
+The allocator is the one each side runs with: tcmalloc for our trainer (as it re-execs itself
+with it), the caller's environment for a script (as a user runs it). OpenMP threads sleep
+when idle, as in the bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from amxtune_trainer.runtime import preload_allocator, quiet_openmp_waits
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+OUTSIDE_OPS = "time outside any op (Python, data loading)"
+CATEGORIES = ["attention backward", "attention forward", "convolutions", "matrix multiplies",
+              "other ops (norms, activations, element-wise, copies, optimizer)", OUTSIDE_OPS]
+
+
+def category(name: str) -> str:
+    if "scaled_dot_product" in name:
+        return "attention backward" if "backward" in name else "attention forward"
+    if "convolution" in name:
+        return "convolutions"
+    if name in MATMULS:
+        return "matrix multiplies"
+    return CATEGORIES[4]
+
+
+def is_marker(name: str) -> bool:
+    """Profiler step and optimizer annotations: spans, not ops. The optimizer's span of the
+    last unrecorded step ends inside the first recorded one, so its self time is not counted."""
+    return name.startswith(("ProfilerStep", "Optimizer."))
+
+
+def summarize(events, steps: int) -> dict:
+    """Seconds per step by category: the ops' self CPU time on the calling thread; what is
+    left of the step is time outside any op."""
+    by_category = dict.fromkeys(CATEGORIES, 0.0)
+    step_total = 0.0
+    ops = []
+    for event in events:
+        if event.key.startswith("ProfilerStep"):
+            step_total += event.cpu_time_total / 1e6 / steps
+        if is_marker(event.key):
+            continue
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        by_category[category(event.key)] += seconds
+        ops.append({"op": event.key, "seconds_per_step": seconds,
+                    "calls_per_step": event.count / steps})
+    by_category[OUTSIDE_OPS] = step_total - sum(by_category.values())
+    ops.sort(key=lambda op: -op["seconds_per_step"])
+    return {"steps": steps, "seconds_per_step": step_total,
+            "ld_preload": [lib for lib in os.environ.get("LD_PRELOAD", "").split(":") if lib],
+            "categories": by_category, "ops": ops}
+
+
+def print_summary(summary: dict, rows: int) -> None:
+    total = summary["seconds_per_step"]
+    print(f"{summary['steps']} steps profiled, {total:.3f} s per step; "
+          f"LD_PRELOAD: {':'.join(summary['ld_preload']) or 'none'}")
+    print("| where | s/step | share |\n|---|---|---|")
+    for name, seconds in summary["categories"].items():
+        print(f"| {name} | {seconds:.3f} | {seconds / total:.0%} |")
+    print("\n| op (self time) | s/step | calls/step |\n|---|---|---|")
+    for op in summary["ops"][:rows]:
+        print(f"| {op['op']} | {op['seconds_per_step']:.3f} | {op['calls_per_step']:g} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise SystemExit("usage: python -m amxtune_trainer.profile_steps [options] -- "
+                         "(SCRIPT | -m MODULE) ARGS...")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(prog="python -m amxtune_trainer.profile_steps")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="optimizer steps not recorded, at least 1 (default 3)")
+    parser.add_argument("--steps", type=int, default=3, help="steps recorded (default 3)")
+    parser.add_argument("--rows", type=int, default=25, help="top ops printed (default 25)")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    args = parser.parse_args(argv[:split])
+    target = argv[split + 1:]
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
+    if not target or (target[0] == "-m" and len(target) < 2):
+        parser.error("after --: a script path, or -m and a module name")
+    module = target[1] if target[0] == "-m" else None
+    preload_allocator(launched=module is not None and module.startswith("amxtune_trainer"))
+    quiet_openmp_waits()
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    profiler = profile(activities=[ProfilerActivity.CPU], schedule=schedule(
+        wait=args.warmup - 1, warmup=1, active=args.steps, repeat=1))
+    seen = [0]
+
+    def after_step(*_) -> None:
+        seen[0] += 1
+        profiler.step()
+
+    hook = register_optimizer_step_post_hook(after_step)
+    profiler.start()
+    code = 0
+    try:
+        if module is not None:
+            sys.argv = [module, *target[2:]]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = target
+            runpy.run_path(target[0], run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        hook.remove()
+        profiler.stop()
+    needed = args.warmup + args.steps
+    if seen[0] < needed:
+        print(f"profile_steps: the script made {seen[0]} optimizer steps; --warmup "
+              f"{args.warmup} and --steps {args.steps} need {needed}", file=sys.stderr)
+        return code or 2
+    summary = summarize(profiler.key_averages(), args.steps)
+    print_summary(summary, args.rows)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
