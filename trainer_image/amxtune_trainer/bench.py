@@ -176,7 +176,12 @@ def run_config(model: str, resolution: int, precision: str, ranks: int, steps: i
 
 def count_step_flops(model: str, resolution: int, workdir: Path) -> float:
     """FLOPs of one training step (forward + backward), counted in fp32 in this process."""
-    from torch.utils.flop_counter import FlopCounterMode
+    import torch
+    from torch.utils.flop_counter import (
+        FlopCounterMode,
+        sdpa_backward_flop_count,
+        sdpa_flop_count,
+    )
 
     from amxtune_trainer import distributed, options
     from amxtune_trainer.cli import build_parser
@@ -188,7 +193,15 @@ def count_step_flops(model: str, resolution: int, workdir: Path) -> float:
     )
     trainer = Trainer(options.config_from_args(parsed), distributed.DistInfo())
     trainer.prepare()
-    with FlopCounterMode(display=False) as counter:
+    # torch counts the CUDA attention kernels only; the CPU flash kernel has the same FLOPs
+    cpu_attention = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(
+                grad, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         trainer.train_step(1)
     return float(counter.get_total_flops())
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from amxtune_trainer.runtime import is_allocator
+from amxtune_trainer.runtime import preloads_without_allocator
 
 STEP = re.compile(rb"^Steps:.*?(\d+)/(\d+) \[")  # the training bar, not the loading bars
 
@@ -56,8 +56,7 @@ def reference_environment(environ: dict[str, str], processes: int = 1) -> dict[s
     dropped; others, such as a CPU mask, stay), offline; with several processes each gets an
     equal share of the cores as its threads."""
     env = dict(environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    kept = [lib for lib in env.pop("LD_PRELOAD", "").split(":")
-            if lib and not is_allocator(lib)]
+    kept = preloads_without_allocator(env.pop("LD_PRELOAD", ""))
     if kept:
         env["LD_PRELOAD"] = ":".join(kept)
     if processes > 1:

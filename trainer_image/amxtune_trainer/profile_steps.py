@@ -7,13 +7,15 @@ Runs the script in this process under torch.profiler: the first `--warmup` optim
 are not recorded (the last of them is the profiler's own warm-up), the next `--steps` are.
 Steps are counted by a global optimizer step hook, so the diffusers scripts (through
 accelerate) and `python -m amxtune_trainer textual-inversion ...` are profiled alike,
-unchanged. Prints the time per step split into attention forward / backward, convolutions,
-matrix multiplies, other ops and time outside any op, then the ops with the most self time.
-One process only: profile one rank (`ranksPerNode: 1`, or the reference without torchrun).
+unchanged. Prints the time per step split into attention forward / backward (PyTorch's fused
+SDPA kernels), convolutions, matrix multiplies, other ops and time outside any op, then the
+ops with the most self time. One process only: profile one rank (`ranksPerNode: 1`, or the
+reference without torchrun).
 
-The allocator is the one each side runs with: tcmalloc for our trainer (as it re-execs itself
-with it), the caller's environment for a script (as a user runs it). OpenMP threads sleep
-when idle, as in the bench.
+Each side runs with the allocator it runs with anyway: our trainer with tcmalloc/jemalloc (it
+re-execs itself with one), a script with glibc malloc as a user runs it (a preloaded allocator
+is dropped; other preloads, such as a CPU mask, stay). OpenMP threads sleep when idle, as in
+the bench.
 """
 
 from __future__ import annotations
@@ -21,44 +23,54 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import runpy
 import sys
 from pathlib import Path
 
-from amxtune_trainer.runtime import preload_allocator, quiet_openmp_waits
+from amxtune_trainer.runtime import (
+    drop_preloaded_allocator,
+    preload_allocator,
+    quiet_openmp_waits,
+)
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
-OUTSIDE_OPS = "time outside any op (Python, data loading)"
+# every convolution kernel's name: aten::convolution, mkldnn::_convolution_pointwise,
+# aten::_slow_conv2d_forward, aten::thnn_conv2d, aten::conv_transpose2d, ... (not "convert")
+CONVOLUTION = re.compile(r"conv(olution|\d|_)")
+OUTSIDE_OPS = "outside any op (Python, autograd bookkeeping, data loading)"
 CATEGORIES = ["attention backward", "attention forward", "convolutions", "matrix multiplies",
-              "other ops (norms, activations, element-wise, copies, optimizer)", OUTSIDE_OPS]
+              "other ops (norms, activations, element-wise, copies, optimizer math)",
+              OUTSIDE_OPS]
+
+
+def is_op(name: str) -> bool:
+    """A kernel of a library namespace (aten::, mkldnn::, ...), not a span the profiler or
+    Python code records (ProfilerStep#, Optimizer.step#, ConvolutionBackward0, autograd::engine
+    ..., data loader): spans' own time is Python and bookkeeping, counted as outside any op."""
+    return "::" in name and not name.startswith(("autograd::", "profiler::"))
 
 
 def category(name: str) -> str:
     if "scaled_dot_product" in name:
         return "attention backward" if "backward" in name else "attention forward"
-    if "convolution" in name:
+    if CONVOLUTION.search(name):
         return "convolutions"
     if name in MATMULS:
         return "matrix multiplies"
     return CATEGORIES[4]
 
 
-def is_marker(name: str) -> bool:
-    """Profiler step and optimizer annotations: spans, not ops. The optimizer's span of the
-    last unrecorded step ends inside the first recorded one, so its self time is not counted."""
-    return name.startswith(("ProfilerStep", "Optimizer."))
-
-
 def summarize(events, steps: int) -> dict:
-    """Seconds per step by category: the ops' self CPU time on the calling thread; what is
-    left of the step is time outside any op."""
+    """Seconds per step by category: the ops' self time; what is left of the step (the sum of
+    the recorded ProfilerStep spans) is time outside any op."""
     by_category = dict.fromkeys(CATEGORIES, 0.0)
     step_total = 0.0
     ops = []
     for event in events:
         if event.key.startswith("ProfilerStep"):
             step_total += event.cpu_time_total / 1e6 / steps
-        if is_marker(event.key):
+        if not is_op(event.key):
             continue
         seconds = event.self_cpu_time_total / 1e6 / steps
         by_category[category(event.key)] += seconds
@@ -102,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("after --: a script path, or -m and a module name")
     module = target[1] if target[0] == "-m" else None
-    preload_allocator(launched=module is not None and module.startswith("amxtune_trainer"))
+    if (module or "").startswith("amxtune_trainer") or os.path.basename(
+            target[0]) == "amxtune-train":
+        preload_allocator(launched=True)
+    else:
+        drop_preloaded_allocator()
     quiet_openmp_waits()
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -125,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
             sys.argv = target
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target[0])))  # as `python SCRIPT`
             runpy.run_path(target[0], run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if not isinstance(exit_.code, int | None):
+            print(exit_.code, file=sys.stderr)
     finally:
         hook.remove()
         profiler.stop()

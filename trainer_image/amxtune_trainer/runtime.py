@@ -78,14 +78,27 @@ def preload_allocator(launched: bool | None = None) -> None:
         )
     library = find_allocator(choice)
     if launched and library is not None:
-        reexec_with_preload(library)
+        reexec_with_preload([library, *filter(None, preloaded.split(":"))])
 
 
-def reexec_with_preload(library: str) -> None:
-    """Run this same command line again (same PID) with `library` first in LD_PRELOAD."""
+def preloads_without_allocator(preload: str) -> list[str]:
+    """LD_PRELOAD's libraries but tcmalloc/jemalloc: others, such as a CPU mask, stay."""
+    return [lib for lib in preload.split(":") if lib and not is_allocator(lib)]
+
+
+def drop_preloaded_allocator() -> None:
+    """Re-exec this process without a preloaded allocator: how a user runs a script of theirs."""
     preloaded = os.environ.get("LD_PRELOAD", "")
-    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (library, preloaded) if p),
-               AMXTUNE_ALLOCATOR_EXEC="1")
+    kept = preloads_without_allocator(preloaded)
+    if kept != [lib for lib in preloaded.split(":") if lib] and "torch" not in sys.modules:
+        reexec_with_preload(kept)
+
+
+def reexec_with_preload(libraries: list[str]) -> None:
+    """Run this same command line again (same PID) with exactly `libraries` in LD_PRELOAD."""
+    env = dict(os.environ, LD_PRELOAD=":".join(libraries), AMXTUNE_ALLOCATOR_EXEC="1")
+    if not libraries:
+        del env["LD_PRELOAD"]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
