@@ -79,9 +79,8 @@ def test_a_script_is_split_by_kind_of_op(tmp_path):
     # every convolution kernel this PyTorch ran (slow 2-D kernels included) counts as one
     kernels = {op["op"] for op in summary["ops"] if re.search(r"conv(?!ert)", op["op"])}
     assert kernels and all(category(op) == "convolutions" for op in kernels), kernels
-    assert summary["ld_preload"] == []
+    assert summary["ld_preload"] == ""
     assert "| attention backward |" in done.stdout
-    assert "aten::convolution_backward" in {op["op"] for op in summary["ops"]}
 
 
 def test_too_few_steps_is_an_error_naming_the_counts(tmp_path):
@@ -106,5 +105,6 @@ def test_our_trainer_is_profiled_with_its_own_allocator(tmp_path, tiny_model, co
     assert done.returncode == 0, done.stderr[-2000:]
     assert summary["steps"] == 2 and summary["categories"]["convolutions"] > 0
     allocator = find_allocator()
-    assert (allocator in summary["ld_preload"]) if allocator else not summary["ld_preload"]
+    preloaded = summary["ld_preload"].split(":")
+    assert (allocator in preloaded) if allocator else preloaded == [""]
     assert (tmp_path / "out" / "learned_embeds.safetensors").exists()

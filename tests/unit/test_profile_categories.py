@@ -36,4 +36,16 @@ def test_the_other_kinds():
 ])
 def test_spans_are_not_ops(span):
     assert not is_op(span)
+
+
+def test_kernels_are_ops():
     assert is_op("aten::mm") and is_op("mkldnn::_convolution_pointwise")
+
+
+def test_our_trainer_is_told_from_a_script():
+    from amxtune_trainer.runtime import runs_trainer
+
+    assert runs_trainer(["-m", "amxtune_trainer", "textual-inversion"])
+    assert runs_trainer(["/venv/bin/amxtune-train", "lora"])
+    assert not runs_trainer(["-m", "amxtune_trainer.profile_steps", "--", "train.py"])
+    assert not runs_trainer(["/tmp/ref/textual_inversion.py"]) and not runs_trainer([])

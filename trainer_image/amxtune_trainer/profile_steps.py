@@ -32,6 +32,7 @@ from amxtune_trainer.runtime import (
     drop_preloaded_allocator,
     preload_allocator,
     quiet_openmp_waits,
+    runs_trainer,
 )
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
@@ -79,14 +80,14 @@ def summarize(events, steps: int) -> dict:
     by_category[OUTSIDE_OPS] = step_total - sum(by_category.values())
     ops.sort(key=lambda op: -op["seconds_per_step"])
     return {"steps": steps, "seconds_per_step": step_total,
-            "ld_preload": [lib for lib in os.environ.get("LD_PRELOAD", "").split(":") if lib],
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),  # as metrics.json has it
             "categories": by_category, "ops": ops}
 
 
 def print_summary(summary: dict, rows: int) -> None:
     total = summary["seconds_per_step"]
     print(f"{summary['steps']} steps profiled, {total:.3f} s per step; "
-          f"LD_PRELOAD: {':'.join(summary['ld_preload']) or 'none'}")
+          f"LD_PRELOAD: {summary['ld_preload'] or 'none'}")
     print("| where | s/step | share |\n|---|---|---|")
     for name, seconds in summary["categories"].items():
         print(f"| {name} | {seconds:.3f} | {seconds / total:.0%} |")
@@ -114,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if not target or (target[0] == "-m" and len(target) < 2):
         parser.error("after --: a script path, or -m and a module name")
     module = target[1] if target[0] == "-m" else None
-    if (module or "").startswith("amxtune_trainer") or os.path.basename(
-            target[0]) == "amxtune-train":
+    if runs_trainer(target):
         preload_allocator(launched=True)
     else:
         drop_preloaded_allocator()
@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     profiler = profile(activities=[ProfilerActivity.CPU], schedule=schedule(
         wait=args.warmup - 1, warmup=1, active=args.steps, repeat=1))
-    seen = [0]
+    seen = 0
 
     def after_step(*_) -> None:
-        seen[0] += 1
+        nonlocal seen
+        seen += 1
         profiler.step()
 
     hook = register_optimizer_step_post_hook(after_step)
@@ -151,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         hook.remove()
         profiler.stop()
     needed = args.warmup + args.steps
-    if seen[0] < needed:
-        print(f"profile_steps: the script made {seen[0]} optimizer steps; --warmup "
+    if seen < needed:
+        print(f"profile_steps: the script made {seen} optimizer steps; --warmup "
               f"{args.warmup} and --steps {args.steps} need {needed}", file=sys.stderr)
         return code or 2
     summary = summarize(profiler.key_averages(), args.steps)

@@ -55,6 +55,13 @@ def find_allocator(name: str = "auto") -> str | None:
     return None
 
 
+def runs_trainer(command: list[str]) -> bool:
+    """Whether a command line (after the interpreter) runs this trainer: `-m amxtune_trainer
+    ...` or the `amxtune-train` script."""
+    return "amxtune_trainer" in command[:2] or (
+        bool(command) and os.path.basename(command[0]) == "amxtune-train")
+
+
 def preload_allocator(launched: bool | None = None) -> None:
     """Re-exec this process with tcmalloc/jemalloc preloaded, when installed and not yet.
 
@@ -63,7 +70,7 @@ def preload_allocator(launched: bool | None = None) -> None:
     forward+backward took 0.78 s with glibc and 0.15 s with tcmalloc. Pods get LD_PRELOAD from
     the operator; this makes a plain `python -m amxtune_trainer` (and each torchrun rank, whose
     PID stays the same across exec) equally fast. AMXTUNE_ALLOCATOR=system disables it.
-    `launched` says whether this command runs the trainer (default: read from the command line).
+    `launched` says whether this process runs the trainer (default: its own command line).
     """
     choice = os.environ.get("AMXTUNE_ALLOCATOR", "auto")
     preloaded = os.environ.get("LD_PRELOAD", "")
@@ -72,10 +79,7 @@ def preload_allocator(launched: bool | None = None) -> None:
     if any(map(is_allocator, preloaded.split(":"))) or "torch" in sys.modules:
         return
     if launched is None:
-        argv = list(getattr(sys, "orig_argv", []))
-        launched = len(argv) > 1 and (
-            "amxtune_trainer" in argv[1:3] or os.path.basename(argv[1]) == "amxtune-train"
-        )
+        launched = runs_trainer(sys.orig_argv[1:])
     library = find_allocator(choice)
     if launched and library is not None:
         reexec_with_preload([library, *filter(None, preloaded.split(":"))])
@@ -89,9 +93,8 @@ def preloads_without_allocator(preload: str) -> list[str]:
 def drop_preloaded_allocator() -> None:
     """Re-exec this process without a preloaded allocator: how a user runs a script of theirs."""
     preloaded = os.environ.get("LD_PRELOAD", "")
-    kept = preloads_without_allocator(preloaded)
-    if kept != [lib for lib in preloaded.split(":") if lib] and "torch" not in sys.modules:
-        reexec_with_preload(kept)
+    if any(map(is_allocator, preloaded.split(":"))) and "torch" not in sys.modules:
+        reexec_with_preload(preloads_without_allocator(preloaded))
 
 
 def reexec_with_preload(libraries: list[str]) -> None:
